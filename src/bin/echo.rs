@@ -1,0 +1,136 @@
+//! `echo`: the seed's `GOT:` echo server on the command line.
+//!
+//! Parses flags, builds the server, prints the address it listens on, and serves until SIGINT or
+//! SIGTERM; everything else is the library's.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use argh::FromArgs;
+
+/// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
+#[derive(FromArgs, Debug)]
+struct Args {
+    /// worker threads that run the executor (default: the number of CPUs)
+    #[argh(option, default = "num_cpus::get()", from_str_fn(at_least_one))]
+    threads: usize,
+
+    /// TCP port to listen on; 0 picks a free one (default 25000)
+    #[argh(option, default = "25000")]
+    port: u16,
+
+    /// address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or :: for all
+    /// interfaces)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    host: String,
+
+    /// connections served at once; past it new ones are closed at once (default 10000)
+    #[argh(option, default = "10_000", from_str_fn(at_least_one))]
+    max_connections: usize,
+
+    /// seconds without traffic before a connection is closed; 0 never closes (default 300)
+    #[argh(option, default = "300")]
+    idle_timeout: u64,
+
+    /// seconds a stop waits for open connections before closing them (default 10)
+    #[argh(option, default = "10")]
+    shutdown_timeout: u64,
+
+    /// log only warnings and errors (RUST_LOG, when set, decides instead)
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    version: bool,
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    if args.version {
+        println!("echo (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let default_level = if args.quiet { "warn" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
+/// so that it differs from a failure to serve.
+fn parse_args() -> Result<Args, ExitCode> {
+    let strings: Vec<String> = std::env::args().collect();
+    let command = strings
+        .first()
+        .map_or("echo", |s| s.rsplit('/').next().unwrap_or(s));
+    let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
+    Args::from_args(&[command], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            println!("{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!(
+                "{}\nRun {command} --help for more information.",
+                early.output.trim_end()
+            );
+            ExitCode::from(2)
+        }
+    })
+}
+
+fn run(args: &Args) -> io::Result<()> {
+    let addrs = resolve(&args.host, args.port)?;
+    let server = taskserve::Server::builder()
+        .threads(args.threads)
+        .max_connections(args.max_connections)
+        .idle_timeout(seconds_or_never(args.idle_timeout))
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .start(&addrs[..], taskserve::echo)?;
+    // On stdout whatever the log level, and flushed: scripts wait for this line.
+    let mut stdout = io::stdout().lock();
+    writeln!(
+        stdout,
+        "listening on {} ({} threads)",
+        server.local_addr(),
+        server.threads()
+    )?;
+    stdout.flush()?;
+    drop(stdout);
+    server.run()
+}
+
+fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    // A bare IPv6 address such as `::1` is not `host:port` syntax; try it as an address first.
+    if let Ok(ip) = host.parse() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --host {host:?}: {e}")))
+}
+
+fn seconds_or_never(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}

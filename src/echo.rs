@@ -1,0 +1,122 @@
+//! The seed's protocol as a handler: every chunk read from a client comes back as `GOT:` + chunk.
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use smol::io::AsyncWriteExt;
+use smol::{future, Async};
+
+/// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
+///
+/// The seed reads 1000 bytes. A bigger read means fewer system calls per byte for clients that
+/// send a lot (a loopback segment is up to 64 KiB), and it costs no memory per connection: the
+/// buffer belongs to the worker thread, and an idle connection holds none.
+pub const READ_SIZE: usize = 64 * 1024;
+
+const PREFIX: &[u8] = b"GOT:";
+
+/// Chunks answered in a row before a connection gives its worker thread back to other tasks, so
+/// that one client streaming flat out cannot starve the others.
+const CHUNKS_BEFORE_YIELD: u32 = 16;
+
+thread_local! {
+    /// Room for `GOT:` followed by one read: the reply leaves in one write, without a copy.
+    static REPLY: RefCell<Box<[u8]>> = RefCell::new({
+        let mut buf = vec![0; PREFIX.len() + READ_SIZE].into_boxed_slice();
+        buf[..PREFIX.len()].copy_from_slice(PREFIX);
+        buf
+    });
+}
+
+/// The seed's echo handler: for every chunk read from `stream`, writes `GOT:` followed by that
+/// chunk, byte for byte; returns when the client ends its side of the connection.
+///
+/// A chunk is whatever one read returns (at most [`READ_SIZE`] bytes), so one message a client
+/// sends may come back as several `GOT:` replies. A reply is always written in full before the
+/// next read, so a client that does not read its replies stops being read from: the server
+/// holds at most one chunk for it, never a growing backlog.
+///
+/// # Examples
+///
+/// ```no_run
+/// // The whole seed server: serve until SIGINT or SIGTERM.
+/// taskserve::serve("127.0.0.1:25000", taskserve::echo)?;
+/// # std::io::Result::Ok(())
+/// ```
+///
+/// # Errors
+///
+/// Returns the socket's error, for example when the client resets the connection.
+pub async fn echo(stream: async_net::TcpStream, _peer: SocketAddr) -> io::Result<()> {
+    let stream: Arc<Async<std::net::TcpStream>> = stream.into();
+    let mut budget = CHUNKS_BEFORE_YIELD;
+    // Wait for readiness before reading, so an idle connection holds no buffer: the read goes
+    // into the worker thread's buffer only once there is something to read.
+    stream.readable().await?;
+    loop {
+        match answer_one_chunk(stream.get_ref()) {
+            Ok(Answered::Fully { filled_buffer }) => {
+                budget -= 1;
+                if budget == 0 {
+                    budget = CHUNKS_BEFORE_YIELD;
+                    future::yield_now().await;
+                }
+                // A short read means the socket is drained (the hint tokio uses too): wait for
+                // the next data instead of paying a read that would only say "would block".
+                if !filled_buffer {
+                    stream.readable().await?;
+                }
+            }
+            Ok(Answered::Partly(unsent)) => {
+                // The client is slow to read: finish this reply before reading anything more.
+                // This copy is the only per-connection buffer, and only while the client lags.
+                (&*stream).write_all(&unsent).await?;
+            }
+            Ok(Answered::EndOfStream) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum Answered {
+    Fully { filled_buffer: bool },
+    Partly(Vec<u8>),
+    EndOfStream,
+}
+
+/// Reads one chunk into the thread's buffer and writes its reply, without waiting: what the
+/// socket did not take is returned, since the buffer cannot be held across an await (the task may
+/// move to another thread). Fails with `WouldBlock` when there is nothing to read.
+fn answer_one_chunk(socket: &std::net::TcpStream) -> io::Result<Answered> {
+    REPLY.with_borrow_mut(|reply| {
+        let read = retry_interrupted(|| (&*socket).read(&mut reply[PREFIX.len()..]))?;
+        if read == 0 {
+            return Ok(Answered::EndOfStream);
+        }
+        let reply = &reply[..PREFIX.len() + read];
+        let written = match retry_interrupted(|| (&*socket).write(reply)) {
+            Ok(written) => written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(if written == reply.len() {
+            Answered::Fully {
+                filled_buffer: read == READ_SIZE,
+            }
+        } else {
+            Answered::Partly(reply[written..].to_vec())
+        })
+    })
+}
+
+fn retry_interrupted<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}

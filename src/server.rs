@@ -1,0 +1,586 @@
+//! Everything between an address and a task per client: the builder, binding, the worker
+//! threads that share one executor, the accept loop, and the running server's handle.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use async_executor::{Executor, Task};
+use async_signal::{Signal, Signals};
+use log::{debug, error, info, warn};
+use smol::future::{self, FutureExt};
+use smol::stream::StreamExt;
+use smol::{channel, Async, Timer};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::conn::serve_connection;
+use crate::shutdown::{Flag, Tracker};
+
+/// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
+/// one call, with the [`Builder`]'s defaults.
+///
+/// Each client connection runs `handler(stream, peer)` as its own task on one executor shared by
+/// one worker thread per CPU. A handler's error is logged with the peer address and ends that
+/// connection only; so does a panic.
+///
+/// # Examples
+///
+/// ```no_run
+/// taskserve::serve("127.0.0.1:25000", taskserve::echo)?;
+/// # std::io::Result::Ok(())
+/// ```
+///
+/// # Errors
+///
+/// Fails if `addr` cannot be bound (in use, not available here, does not resolve) or the signal
+/// handlers cannot be installed. Once serving, it returns `Ok(())` after the stop.
+pub fn serve<A, H, F>(addr: A, handler: H) -> io::Result<()>
+where
+    A: ToSocketAddrs,
+    H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    Builder::new().serve(addr, handler)
+}
+
+/// The options of a server, set before it starts; [`Builder::start`] or [`Builder::serve`] run it.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let server = taskserve::Server::builder()
+///     .threads(2)
+///     .max_connections(1000)
+///     .idle_timeout(Some(Duration::from_secs(60)))
+///     .start("127.0.0.1:0", taskserve::echo)?;
+/// assert_eq!(server.threads(), 2);
+/// server.stop();
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Builder {
+    threads: usize,
+    max_connections: usize,
+    idle_timeout: Option<Duration>,
+    shutdown_timeout: Duration,
+    backlog: u32,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            threads: num_cpus::get(),
+            max_connections: 10_000,
+            idle_timeout: Some(Duration::from_secs(300)),
+            shutdown_timeout: Duration::from_secs(10),
+            backlog: 4096,
+        }
+    }
+}
+
+impl Builder {
+    /// A builder with the defaults: one thread per CPU, at most 10,000 connections, a 300 s idle
+    /// timeout, a 10 s shutdown timeout, and a listen backlog of 4096.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Worker threads that run the executor (default: the number of CPUs); at least 1.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Connections served at once (default 10,000); at least 1. Past it, a new connection is
+    /// accepted and closed at once, so its client sees a prompt close rather than a hang.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// How long a connection may go without traffic before it is closed (default 300 s); `None`
+    /// never closes one. A connection whose reply cannot be sent because its client stopped
+    /// reading counts as without traffic too. It is closed between the timeout and an eighth
+    /// more after its last activity.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a graceful stop waits for open connections to end by themselves before it
+    /// closes them (default 10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Connections the kernel may queue before they are accepted (default 4096; the kernel caps
+    /// it at `net.core.somaxconn`). The usual 128 drops handshakes when thousands of clients
+    /// connect at once.
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
+    /// tells the bound address and stops the server.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder().start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut client = std::net::TcpStream::connect(server.local_addr())?;
+    /// client.write_all(b"hello")?;
+    /// let mut reply = [0; 9];
+    /// client.read_exact(&mut reply)?;
+    /// assert_eq!(&reply, b"GOT:hello");
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails with [`io::ErrorKind::InvalidInput`] for zero threads or zero connections, with
+    /// the cause (in use, not available...) when no address of `addr` can be bound, and when
+    /// a worker thread cannot be started.
+    pub fn start<A, H, F>(self, addr: A, handler: H) -> io::Result<Server>
+    where
+        A: ToSocketAddrs,
+        H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+        F: Future<Output = io::Result<()>> + Send + 'static,
+    {
+        if self.threads == 0 {
+            return Err(invalid_input("threads must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid_input("max_connections must be at least 1"));
+        }
+        let listener = bind(addr, self.backlog)?;
+        let local_addr = listener.local_addr()?;
+        let listener = Async::new(listener)?;
+
+        let executor = Arc::new(Executor::new());
+        let tracker = Arc::new(Tracker::default());
+        let (release_workers, released) = channel::bounded::<()>(1);
+        let accept = executor.spawn(accept_loop(
+            listener,
+            Arc::clone(&executor),
+            Arc::new(handler),
+            Arc::clone(&tracker),
+            self.clone(),
+        ));
+        let mut server = Server {
+            local_addr,
+            threads: self.threads,
+            shutdown_timeout: self.shutdown_timeout,
+            stop: Arc::default(),
+            tracker,
+            accept: Some(accept),
+            release_workers: Some(release_workers),
+            workers: Vec::with_capacity(self.threads),
+            executor: Some(executor),
+        };
+        for n in 0..self.threads {
+            // Linux keeps 15 bytes of a thread name: `taskserve-worker-N` would lose its number.
+            let name = format!("taskserve-w{n}");
+            let executor = Arc::clone(server.executor.as_ref().expect("set above"));
+            let released = released.clone();
+            let worker = thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || run_worker(&executor, released))
+                .map_err(|e| io::Error::new(e.kind(), format!("failed to start {name}: {e}")))?;
+            // On an early return, dropping `server` stops the workers started so far.
+            server.workers.push(worker);
+        }
+        info!("listening on {local_addr} ({} threads)", self.threads);
+        Ok(server)
+    }
+
+    /// Binds `addr`, serves `handler` until SIGINT or SIGTERM, then stops gracefully (see
+    /// [`Server::run`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::start`] and [`Server::run`].
+    pub fn serve<A, H, F>(self, addr: A, handler: H) -> io::Result<()>
+    where
+        A: ToSocketAddrs,
+        H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+        F: Future<Output = io::Result<()>> + Send + 'static,
+    {
+        self.start(addr, handler)?.run()
+    }
+}
+
+fn invalid_input(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// A running server: it tells where it listens and stops it. Dropping it closes every
+/// connection at once; [`Server::stop`] and [`Server::run`] let them finish first.
+pub struct Server {
+    local_addr: SocketAddr,
+    threads: usize,
+    shutdown_timeout: Duration,
+    /// Set by a [`StopHandle`]: asks [`Server::run`] to stop, and a second time to hurry.
+    stop: Arc<StopRequests>,
+    /// Open connections, to wait for them to end when stopping.
+    tracker: Arc<Tracker>,
+    /// Owns the listening socket; cancelling it releases the port.
+    accept: Option<Task<()>>,
+    /// Dropping this sender ends every worker's run of the executor.
+    release_workers: Option<channel::Sender<()>>,
+    workers: Vec<thread::JoinHandle<()>>,
+    /// Dropped last, which cancels the connection tasks still left and so closes their sockets.
+    executor: Option<Arc<Executor<'static>>>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("threads", &self.threads)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A [`Builder`] with the default options.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// The address the server listens on, with the real port when it was started on port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The number of worker threads running the executor.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The number of client connections open right now.
+    pub fn connections(&self) -> usize {
+        self.tracker.open()
+    }
+
+    /// A handle that asks this server to stop from another thread, for a server blocked in
+    /// [`Server::run`].
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(Arc::clone(&self.stop))
+    }
+
+    /// Stops gracefully: stops accepting (the port is free when this returns), waits up to the
+    /// shutdown timeout for open connections to end, closes the rest, and stops the threads.
+    pub fn stop(mut self) {
+        let stop = Arc::clone(&self.stop);
+        self.shutdown(stop.urgent.wait());
+    }
+
+    /// Serves until SIGINT or SIGTERM arrives (or a [`StopHandle`] asks), then stops as
+    /// [`Server::stop`] does. A second signal or request cuts the wait for open connections
+    /// short and closes them at once.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the signal handlers cannot be installed.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut signals = Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
+            io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
+        })?;
+        let stop = Arc::clone(&self.stop);
+        let requested = future::block_on(async { Some(signals.next().await) }.or(async {
+            stop.requested.wait().await;
+            None
+        }));
+        match requested {
+            Some(Some(Ok(signal))) => info!("received {signal:?}, stopping"),
+            _ => info!("stop requested"),
+        }
+        self.shutdown(
+            async {
+                signals.next().await;
+                info!("second signal: closing connections now");
+            }
+            .or(stop.urgent.wait()),
+        );
+        Ok(())
+    }
+
+    /// Stops accepting, waits for open connections until they end, the shutdown timeout
+    /// passes or `hurry` completes, then closes the rest and joins the workers.
+    fn shutdown(&mut self, hurry: impl Future<Output = ()>) {
+        let Some(accept) = self.accept.take() else {
+            return;
+        };
+        // Cancelling drops the accept loop, and with it the listening socket.
+        future::block_on(accept.cancel());
+        let open = self.tracker.open();
+        if open > 0 {
+            info!(
+                "stopped accepting; waiting up to {:?} for {open} open connections",
+                self.shutdown_timeout
+            );
+            let timeout = self.shutdown_timeout;
+            future::block_on(
+                self.tracker
+                    .all_closed()
+                    .or(async {
+                        Timer::after(timeout).await;
+                    })
+                    .or(hurry),
+            );
+        }
+        let left = self.tracker.open();
+        if left > 0 {
+            info!("closing {left} connections still open");
+        }
+        drop(self.release_workers.take());
+        for worker in self.workers.drain(..) {
+            // Workers catch panics themselves; a join error would be a bug in this crate.
+            if worker.join().is_err() {
+                error!("a worker thread panicked");
+            }
+        }
+        // The executor cancels its remaining tasks when dropped; their sockets close then.
+        drop(self.executor.take());
+        info!("stopped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown(future::ready(()));
+    }
+}
+
+#[derive(Debug, Default)]
+struct StopRequests {
+    requested: Flag,
+    urgent: Flag,
+}
+
+/// Asks a [`Server`] to stop, from any thread; it is cheap to clone.
+///
+/// # Examples
+///
+/// ```
+/// let server = taskserve::Server::builder().start("127.0.0.1:0", taskserve::echo)?;
+/// let handle = server.stop_handle();
+/// std::thread::spawn(move || handle.stop());
+/// server.run()?; // returns once the handle has asked
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<StopRequests>);
+
+impl StopHandle {
+    /// Asks the server to stop gracefully; asking again closes open connections at once.
+    pub fn stop(&self) {
+        if self.0.requested.is_set() {
+            self.0.urgent.set();
+        } else {
+            self.0.requested.set();
+        }
+    }
+}
+
+/// One worker thread: runs the shared executor until the server releases it.
+fn run_worker(executor: &Executor<'static>, released: channel::Receiver<()>) {
+    loop {
+        // `async_io::block_on` lets an idle worker wait on the reactor itself, instead of every
+        // I/O event hopping through async-io's helper thread.
+        let run = panic::catch_unwind(AssertUnwindSafe(|| {
+            smol::block_on(executor.run(released.recv()))
+        }));
+        match run {
+            Ok(_) => return,
+            // Connection tasks catch their own panics; this keeps the thread alive if some
+            // other task's panic gets here, as smol's own worker threads do.
+            Err(_) => error!("a task panicked on a worker thread; the thread goes on"),
+        }
+    }
+}
+
+/// Binds the first address of `addr` that can be bound, with the given listen backlog.
+fn bind(addr: impl ToSocketAddrs, backlog: u32) -> io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in addr.to_socket_addrs()? {
+        match bind_one(addr, backlog) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => {
+                last_error = Some(io::Error::new(
+                    e.kind(),
+                    format!("failed to bind {addr}: {e}"),
+                ))
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| invalid_input("no address to bind")))
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does on Unix: a restarted server can bind while old connections sit in TIME_WAIT.
+    // It does not let two servers share a port.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Accepts clients and spawns a task for each, until cancelled. Never returns on an accept
+/// error: errors that concern one client are skipped, and the others (out of file descriptors,
+/// say) back off from 5 ms to 1 s, or until a connection closes and frees a descriptor.
+async fn accept_loop<H, F>(
+    listener: Async<TcpListener>,
+    executor: Arc<Executor<'static>>,
+    handler: Arc<H>,
+    tracker: Arc<Tracker>,
+    options: Builder,
+) where
+    H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let mut backoff = Backoff::default();
+    let mut refusals = RateLimit::default();
+    let mut failures = RateLimit::default();
+    loop {
+        let (stream, peer) = match listener.read_with(|l| l.accept()).await {
+            Ok(accepted) => accepted,
+            Err(e) if concerns_one_client(&e) => {
+                debug!("accept: {e}");
+                continue;
+            }
+            Err(e) => {
+                let delay = backoff.next();
+                if let Some(skipped) = failures.allow() {
+                    error!("accept failed: {e}; retrying in {delay:?} ({skipped} more failures not logged)");
+                }
+                async {
+                    Timer::after(delay).await;
+                }
+                .or(tracker.some_closed())
+                .await;
+                continue;
+            }
+        };
+        backoff = Backoff::default();
+        let Some(slot) = tracker.try_open(options.max_connections) else {
+            // Accept and close, rather than leave clients hanging in the backlog.
+            drop(stream);
+            if let Some(skipped) = refusals.allow() {
+                warn!(
+                    "{} connections open (max_connections): refused {peer} ({skipped} more refused since the last warning)",
+                    options.max_connections
+                );
+            }
+            continue;
+        };
+        // Without TCP_NODELAY, a reply written in two parts (prefix, then payload) waits for the
+        // client's delayed ACK: Nagle's algorithm turns each round trip into 40 ms.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!("{peer}: cannot set TCP_NODELAY: {e}");
+        }
+        let stream = match async_net::TcpStream::try_from(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!("{peer}: cannot register with the reactor: {e}");
+                continue;
+            }
+        };
+        executor
+            .spawn(serve_connection(
+                Arc::clone(&handler),
+                stream,
+                peer,
+                options.idle_timeout,
+                slot,
+            ))
+            .detach();
+    }
+}
+
+/// Accept errors about a client that gave up while queued: retry at once.
+fn concerns_one_client(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
+    )
+}
+
+/// Exponential back-off for accept failures: 5 ms, doubling, capped at 1 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(5))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        delay
+    }
+}
+
+/// Lets a log line through at most once a second, counting the ones it held back.
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl RateLimit {
+    /// `Some(skipped since the last one)` when a line may be logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                self.skipped += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.skipped))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_5_ms_up_to_1_s() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<_> = (0..10).map(|_| backoff.next().as_millis()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+    }
+
+    #[test]
+    fn rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
+        let mut limit = RateLimit::default();
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        limit.last = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(limit.allow(), Some(2));
+    }
+}
