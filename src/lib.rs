@@ -42,8 +42,9 @@
 //!
 //! - `server`: [`serve`], the [`Builder`] and the running [`Server`]: binding, worker threads,
 //!   the accept loop and its back-off, stopping.
-//! - `conn`: one connection's task: its slot in the connection count, the idle timeout, the panic
-//!   guard and the "Connection from" / "Connection closed" log lines.
+//! - `conn`: one connection's task: its slot in the connection count, the panic guard and the
+//!   "Connection from" / "Connection closed" log lines.
+//! - `idle`: the idle timeout: one sweeper per server, no timer per connection.
 //! - `shutdown`: what a stop waits on: the stop request and the count of open connections.
 //! - `echo`: the seed's `GOT:` protocol, [`echo`].
 //!
@@ -53,6 +54,7 @@
 
 mod conn;
 mod echo;
+mod idle;
 mod server;
 mod shutdown;
 

@@ -19,6 +19,7 @@ use smol::{channel, Async, Timer};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::serve_connection;
+use crate::idle::IdleSweeper;
 use crate::shutdown::{Flag, Tracker};
 
 /// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
@@ -170,13 +171,19 @@ impl Builder {
 
         let executor = Arc::new(Executor::new());
         let tracker = Arc::new(Tracker::default());
+        let idle = self.idle_timeout.map(IdleSweeper::new);
+        if let Some(idle) = &idle {
+            // Detached: dropping the executor at the end of a stop cancels it.
+            executor.spawn(Arc::clone(idle).run()).detach();
+        }
         let (release_workers, released) = channel::bounded::<()>(1);
         let accept = executor.spawn(accept_loop(
             listener,
             Arc::clone(&executor),
             Arc::new(handler),
             Arc::clone(&tracker),
-            self.clone(),
+            idle,
+            self.max_connections,
         ));
         let mut server = Server {
             local_addr,
@@ -448,7 +455,8 @@ async fn accept_loop<H, F>(
     executor: Arc<Executor<'static>>,
     handler: Arc<H>,
     tracker: Arc<Tracker>,
-    options: Builder,
+    idle: Option<Arc<IdleSweeper>>,
+    max_connections: usize,
 ) where
     H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = io::Result<()>> + Send + 'static,
@@ -477,13 +485,13 @@ async fn accept_loop<H, F>(
             }
         };
         backoff = Backoff::default();
-        let Some(slot) = tracker.try_open(options.max_connections) else {
+        let Some(slot) = tracker.try_open(max_connections) else {
             // Accept and close, rather than leave clients hanging in the backlog.
             drop(stream);
             if let Some(skipped) = refusals.allow() {
                 warn!(
                     "{} connections open (max_connections): refused {peer} ({skipped} more refused since the last warning)",
-                    options.max_connections
+                    max_connections
                 );
             }
             continue;
@@ -505,7 +513,7 @@ async fn accept_loop<H, F>(
                 Arc::clone(&handler),
                 stream,
                 peer,
-                options.idle_timeout,
+                idle.clone(),
                 slot,
             ))
             .detach();
