@@ -1,43 +1,96 @@
 //! One connection's task: the handler's future, guarded against panics and idleness, logged,
 //! and holding its slot in the connection count until it ends.
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use log::{debug, error, info, warn};
-use smol::future::FutureExt;
+use pin_project_lite::pin_project;
+use smol::future::{CatchUnwind, FutureExt};
 
-use crate::idle::{unless_idle, IdleSweeper};
+use crate::idle::IdleWatch;
 use crate::shutdown::Slot;
 
-/// Serves one accepted client with `handler` until the handler returns, fails, panics, or the
-/// connection stays quiet for the `idle` sweeper's timeout; then closes the socket and frees `slot`.
-pub(crate) async fn serve_connection<H, F>(
-    handler: Arc<H>,
-    stream: async_net::TcpStream,
-    peer: SocketAddr,
-    idle: Option<Arc<IdleSweeper>>,
-    slot: Slot,
-) where
-    H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
-    F: Future<Output = io::Result<()>> + Send + 'static,
-{
-    // The seed's two lines per client, in its words, so the programs are recognisably the same.
-    info!("Connection from {peer}");
-    // Calling the handler is inside the guard too: a handler may panic before its first await.
-    let guarded = AssertUnwindSafe(async move { handler(stream, peer).await }).catch_unwind();
-    match unless_idle(idle.as_deref(), guarded).await {
-        Some(Ok(Ok(()))) => {}
-        Some(Ok(Err(e))) => log_handler_error(peer, &e),
-        Some(Err(panic)) => error!("{peer}: handler panicked: {}", panic_message(&*panic)),
-        None => debug!("{peer}: closed: idle for the idle timeout"),
+pin_project! {
+    /// The task of one accepted client: polls the handler's future until it returns, fails,
+    /// panics, or the connection stays quiet for the idle timeout; then drops it (closing the
+    /// socket), logs how it ended and frees the slot.
+    ///
+    /// A hand-written future rather than an `async fn`, because the task's size is most of an
+    /// idle connection's memory: an `async fn` would keep its arguments beside the handler's
+    /// future for the task's whole life.
+    pub(crate) struct Connection<F> {
+        #[pin]
+        handler: Option<CatchUnwind<AssertUnwindSafe<F>>>,
+        peer: SocketAddr,
+        idle: Option<IdleWatch>,
+        slot: Option<Slot>,
     }
-    // By now the handler's future, and with it the socket, has been dropped.
-    info!("Connection closed: {peer}");
-    drop(slot);
+
+    impl<F> PinnedDrop for Connection<F> {
+        /// A connection dropped before its handler finished was cancelled: the server stopped
+        /// and its drain ran out of time. It is closed all the same, and logged as such.
+        fn drop(this: Pin<&mut Self>) {
+            let mut this = this.project();
+            if this.handler.is_some() {
+                this.handler.set(None);
+                debug!("{}: closed by the server stopping", this.peer);
+                info!("Connection closed: {}", this.peer);
+            }
+        }
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Connection<F> {
+    /// `handler` is the handler's future for the client at `peer`.
+    pub(crate) fn new(handler: F, peer: SocketAddr, idle: Option<IdleWatch>, slot: Slot) -> Self {
+        // The seed's two lines per client, in its words, so the programs are recognisably the same.
+        info!("Connection from {peer}");
+        Connection {
+            handler: Some(AssertUnwindSafe(handler).catch_unwind()),
+            peer,
+            idle,
+            slot: Some(slot),
+        }
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(handler) = this.handler.as_mut().as_pin_mut() else {
+            return Poll::Ready(());
+        };
+        let outcome = match this.idle {
+            None => handler.poll(cx).map(Some),
+            Some(idle) => match idle.waker(cx.waker()) {
+                Some(waker) => handler.poll(&mut Context::from_waker(waker)).map(Some),
+                None => Poll::Ready(None),
+            },
+        };
+        let Poll::Ready(outcome) = outcome else {
+            return Poll::Pending;
+        };
+        // Dropping the handler's future closes the socket, before the log says so.
+        this.handler.set(None);
+        let peer = *this.peer;
+        match outcome {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => log_handler_error(peer, &e),
+            Some(Err(panic)) => log_panic(peer, &*panic),
+            None => debug!("{peer}: closed: idle for the idle timeout"),
+        }
+        info!("Connection closed: {peer}");
+        drop(this.slot.take());
+        Poll::Ready(())
+    }
 }
 
 fn log_handler_error(peer: SocketAddr, e: &io::Error) {
@@ -51,12 +104,14 @@ fn log_handler_error(peer: SocketAddr, e: &io::Error) {
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(s) = payload.downcast_ref::<&str>() {
+/// Logs a handler's panic: a bug in the library user's code, so an error an operator should see.
+pub(crate) fn log_panic(peer: SocketAddr, payload: &(dyn Any + Send)) {
+    let message = if let Some(s) = payload.downcast_ref::<&str>() {
         s
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s
     } else {
         "(a panic payload that is not a string)"
-    }
+    };
+    error!("{peer}: handler panicked: {message}");
 }

@@ -8,11 +8,9 @@
 //! the connection's `active` flag; the sweeper wakes every eighth of the timeout, lowers the flags
 //! and closes the connections that stayed quiet for eight ticks in a row.
 
-use std::future::{self, Future};
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Wake, Waker};
 use std::time::Duration;
 
 use smol::Timer;
@@ -104,53 +102,62 @@ impl Wake for Watch {
     }
 }
 
-/// Runs `fut` to completion, or returns `None` once `sweeper` finds it quiet for the timeout.
-/// Without a sweeper (no idle timeout), just runs `fut`.
-pub(crate) async fn unless_idle<F: Future>(
-    sweeper: Option<&IdleSweeper>,
-    fut: F,
-) -> Option<F::Output> {
-    let Some(sweeper) = sweeper else {
-        return Some(fut.await);
-    };
-    let mut fut = pin!(fut);
-    let mut watched: Option<(Arc<Watch>, Waker)> = None;
-    future::poll_fn(|cx| {
-        let (watch, waker) = match &watched {
-            Some((watch, _)) if watch.task.will_wake(cx.waker()) => watched.as_ref().unwrap(),
-            // First poll (or a new task waker): the watch needs the task's waker to wake it.
-            _ => {
-                let watch = Arc::new(Watch {
-                    // Counting the start as activity keeps a connection opened just before a
-                    // sweep from being charged a whole quiet tick for it.
-                    active: AtomicBool::new(true),
-                    quiet_ticks: AtomicU32::new(0),
-                    expired: AtomicBool::new(false),
-                    task: cx.waker().clone(),
-                });
-                sweeper.register(&watch);
-                let waker = Waker::from(Arc::clone(&watch));
-                &*watched.insert((watch, waker))
-            }
-        };
-        if watch.expired.load(Ordering::Acquire) {
-            return Poll::Ready(None);
+/// One connection's watch: hands out the waker to poll its handler with, until the connection
+/// has been quiet for the timeout.
+#[derive(Debug)]
+pub(crate) struct IdleWatch {
+    sweeper: Arc<IdleSweeper>,
+    watch: Option<(Arc<Watch>, Waker)>,
+}
+
+impl IdleWatch {
+    pub(crate) fn new(sweeper: Arc<IdleSweeper>) -> Self {
+        IdleWatch {
+            sweeper,
+            watch: None,
         }
-        fut.as_mut().poll(&mut Context::from_waker(waker)).map(Some)
-    })
-    .await
+    }
+
+    /// The waker to poll the handler with, which marks the connection active when woken and
+    /// wakes `task`; `None` once the sweeper has found the connection quiet for the timeout.
+    pub(crate) fn waker(&mut self, task: &Waker) -> Option<&Waker> {
+        let current = matches!(&self.watch, Some((watch, _)) if watch.task.will_wake(task));
+        if !current {
+            // First poll (or a new task waker): the watch needs the task's waker to wake it.
+            let watch = Arc::new(Watch {
+                // Counting the start as activity keeps a connection opened just before a
+                // sweep from being charged a whole quiet tick for it.
+                active: AtomicBool::new(true),
+                quiet_ticks: AtomicU32::new(0),
+                expired: AtomicBool::new(false),
+                task: task.clone(),
+            });
+            self.sweeper.register(&watch);
+            self.watch = Some((Arc::clone(&watch), Waker::from(watch)));
+        }
+        let (watch, waker) = self.watch.as_ref()?;
+        (!watch.expired.load(Ordering::Acquire)).then_some(waker)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::{self, Future};
+    use std::pin::pin;
+    use std::task::{Context, Poll};
     use std::time::Instant;
 
-    /// Runs the sweeper beside `fut` on one thread.
+    /// Runs `fut` under an idle watch, with the sweeper beside it on one thread.
     fn run_watched<F: Future>(timeout: Duration, fut: F) -> Option<F::Output> {
         let sweeper = IdleSweeper::new(timeout);
         let sweeping = smol::spawn(Arc::clone(&sweeper).run());
-        let out = smol::block_on(unless_idle(Some(&sweeper), fut));
+        let mut watch = IdleWatch::new(sweeper);
+        let mut fut = pin!(fut);
+        let out = smol::block_on(future::poll_fn(|cx| match watch.waker(cx.waker()) {
+            Some(waker) => fut.as_mut().poll(&mut Context::from_waker(waker)).map(Some),
+            None => Poll::Ready(None),
+        }));
         drop(sweeping);
         out
     }
@@ -181,11 +188,6 @@ mod tests {
             run_watched(Duration::from_millis(500), woken_often),
             Some(7)
         );
-    }
-
-    #[test]
-    fn without_a_sweeper_the_future_just_runs() {
-        assert_eq!(smol::block_on(unless_idle(None, async { 3 })), Some(3));
     }
 
     #[test]

@@ -18,8 +18,8 @@ use smol::stream::StreamExt;
 use smol::{channel, Async, Timer};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::conn::serve_connection;
-use crate::idle::IdleSweeper;
+use crate::conn::{log_panic, Connection};
+use crate::idle::{IdleSweeper, IdleWatch};
 use crate::shutdown::{Flag, Tracker};
 
 /// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
@@ -72,6 +72,7 @@ pub struct Builder {
     idle_timeout: Option<Duration>,
     shutdown_timeout: Duration,
     backlog: u32,
+    stop_on_signals: bool,
 }
 
 impl Default for Builder {
@@ -82,6 +83,7 @@ impl Default for Builder {
             idle_timeout: Some(Duration::from_secs(300)),
             shutdown_timeout: Duration::from_secs(10),
             backlog: 4096,
+            stop_on_signals: false,
         }
     }
 }
@@ -130,6 +132,14 @@ impl Builder {
         self
     }
 
+    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`] says yes). The
+    /// handlers are in place before the address is bound, so a script that waits for the server
+    /// to listen can signal it at once. See [`Server::wait`].
+    pub fn stop_on_signals(mut self, yes: bool) -> Self {
+        self.stop_on_signals = yes;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -165,6 +175,13 @@ impl Builder {
         if self.max_connections == 0 {
             return Err(invalid_input("max_connections must be at least 1"));
         }
+        let signals = if self.stop_on_signals {
+            Some(Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
+                io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
+            })?)
+        } else {
+            None
+        };
         let listener = bind(addr, self.backlog)?;
         let local_addr = listener.local_addr()?;
         let listener = Async::new(listener)?;
@@ -180,7 +197,7 @@ impl Builder {
         let accept = executor.spawn(accept_loop(
             listener,
             Arc::clone(&executor),
-            Arc::new(handler),
+            handler,
             Arc::clone(&tracker),
             idle,
             self.max_connections,
@@ -190,6 +207,7 @@ impl Builder {
             threads: self.threads,
             shutdown_timeout: self.shutdown_timeout,
             stop: Arc::default(),
+            signals,
             tracker,
             accept: Some(accept),
             release_workers: Some(release_workers),
@@ -213,18 +231,19 @@ impl Builder {
     }
 
     /// Binds `addr`, serves `handler` until SIGINT or SIGTERM, then stops gracefully (see
-    /// [`Server::run`]).
+    /// [`Server::wait`]).
     ///
     /// # Errors
     ///
-    /// As [`Builder::start`] and [`Server::run`].
+    /// As [`Builder::start`], including when the signal handlers cannot be installed.
     pub fn serve<A, H, F>(self, addr: A, handler: H) -> io::Result<()>
     where
         A: ToSocketAddrs,
         H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
-        self.start(addr, handler)?.run()
+        self.stop_on_signals(true).start(addr, handler)?.wait();
+        Ok(())
     }
 }
 
@@ -233,13 +252,15 @@ fn invalid_input(message: &str) -> io::Error {
 }
 
 /// A running server: it tells where it listens and stops it. Dropping it closes every
-/// connection at once; [`Server::stop`] and [`Server::run`] let them finish first.
+/// connection at once; [`Server::stop`] and [`Server::wait`] let them finish first.
 pub struct Server {
     local_addr: SocketAddr,
     threads: usize,
     shutdown_timeout: Duration,
-    /// Set by a [`StopHandle`]: asks [`Server::run`] to stop, and a second time to hurry.
+    /// Set by a [`StopHandle`]: asks [`Server::wait`] to stop, and a second time to hurry.
     stop: Arc<StopRequests>,
+    /// SIGINT and SIGTERM, when the builder asked for them: the same requests.
+    signals: Option<Signals>,
     /// Open connections, to wait for them to end when stopping.
     tracker: Arc<Tracker>,
     /// Owns the listening socket; cancelling it releases the port.
@@ -283,7 +304,7 @@ impl Server {
     }
 
     /// A handle that asks this server to stop from another thread, for a server blocked in
-    /// [`Server::run`].
+    /// [`Server::wait`].
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(Arc::clone(&self.stop))
     }
@@ -295,34 +316,18 @@ impl Server {
         self.shutdown(stop.urgent.wait());
     }
 
-    /// Serves until SIGINT or SIGTERM arrives (or a [`StopHandle`] asks), then stops as
-    /// [`Server::stop`] does. A second signal or request cuts the wait for open connections
-    /// short and closes them at once.
-    ///
-    /// # Errors
-    ///
-    /// Fails if the signal handlers cannot be installed.
-    pub fn run(mut self) -> io::Result<()> {
-        let mut signals = Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
-            io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
-        })?;
+    /// Serves until a stop is asked for, by a [`StopHandle`] or, if the builder said
+    /// [`Builder::stop_on_signals`], by SIGINT or SIGTERM; then stops as [`Server::stop`] does. A
+    /// second request or signal cuts the wait for open connections short and closes them at once.
+    pub fn wait(mut self) {
+        let mut signals = self.signals.take();
         let stop = Arc::clone(&self.stop);
-        let requested = future::block_on(async { Some(signals.next().await) }.or(async {
-            stop.requested.wait().await;
-            None
-        }));
-        match requested {
-            Some(Some(Ok(signal))) => info!("received {signal:?}, stopping"),
-            _ => info!("stop requested"),
-        }
-        self.shutdown(
-            async {
-                signals.next().await;
-                info!("second signal: closing connections now");
-            }
-            .or(stop.urgent.wait()),
-        );
-        Ok(())
+        let first = future::block_on(stop_requested(&mut signals, &stop.requested));
+        info!("{first}: stopping");
+        self.shutdown(async {
+            let hurry = stop_requested(&mut signals, &stop.urgent).await;
+            info!("{hurry} again: closing connections now");
+        });
     }
 
     /// Stops accepting, waits for open connections until they end, the shutdown timeout
@@ -372,6 +377,26 @@ impl Drop for Server {
     }
 }
 
+/// Completes on the next signal, if there are signals, or when `flag` is set; says which.
+async fn stop_requested(signals: &mut Option<Signals>, flag: &Flag) -> &'static str {
+    let signal = async {
+        match signals {
+            Some(signals) => match signals.next().await {
+                Some(Ok(Signal::Int)) => "received SIGINT",
+                Some(Ok(Signal::Term)) => "received SIGTERM",
+                _ => "received a signal",
+            },
+            None => future::pending().await,
+        }
+    };
+    signal
+        .or(async {
+            flag.wait().await;
+            "stop requested"
+        })
+        .await
+}
+
 #[derive(Debug, Default)]
 struct StopRequests {
     requested: Flag,
@@ -386,7 +411,7 @@ struct StopRequests {
 /// let server = taskserve::Server::builder().start("127.0.0.1:0", taskserve::echo)?;
 /// let handle = server.stop_handle();
 /// std::thread::spawn(move || handle.stop());
-/// server.run()?; // returns once the handle has asked
+/// server.wait(); // returns once the handle has asked
 /// # std::io::Result::Ok(())
 /// ```
 #[derive(Debug, Clone)]
@@ -423,7 +448,10 @@ fn run_worker(executor: &Executor<'static>, released: channel::Receiver<()>) {
 /// Binds the first address of `addr` that can be bound, with the given listen backlog.
 fn bind(addr: impl ToSocketAddrs, backlog: u32) -> io::Result<TcpListener> {
     let mut last_error = None;
-    for addr in addr.to_socket_addrs()? {
+    let addrs = addr.to_socket_addrs().map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot resolve the address to bind: {e}"))
+    })?;
+    for addr in addrs {
         match bind_one(addr, backlog) {
             Ok(listener) => return Ok(listener),
             Err(e) => {
@@ -453,7 +481,7 @@ fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
 async fn accept_loop<H, F>(
     listener: Async<TcpListener>,
     executor: Arc<Executor<'static>>,
-    handler: Arc<H>,
+    handler: H,
     tracker: Arc<Tracker>,
     idle: Option<Arc<IdleSweeper>>,
     max_connections: usize,
@@ -508,14 +536,19 @@ async fn accept_loop<H, F>(
                 continue;
             }
         };
+        // A handler may panic before it returns its future: that ends this client only.
+        let handler_future = match panic::catch_unwind(AssertUnwindSafe(|| handler(stream, peer))) {
+            Ok(future) => future,
+            Err(panic) => {
+                log_panic(peer, &*panic);
+                continue;
+            }
+        };
+        let idle = idle
+            .as_ref()
+            .map(|sweeper| IdleWatch::new(Arc::clone(sweeper)));
         executor
-            .spawn(serve_connection(
-                Arc::clone(&handler),
-                stream,
-                peer,
-                idle.clone(),
-                slot,
-            ))
+            .spawn(Connection::new(handler_future, peer, idle, slot))
             .detach();
     }
 }

@@ -106,18 +106,22 @@ fn run(args: &Args) -> io::Result<()> {
         .max_connections(args.max_connections)
         .idle_timeout(seconds_or_never(args.idle_timeout))
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        // Installed before the listening line is printed: a script may signal right after it.
+        .stop_on_signals(true)
         .start(&addrs[..], taskserve::echo)?;
     // On stdout whatever the log level, and flushed: scripts wait for this line.
     let mut stdout = io::stdout().lock();
+    let threads = server.threads();
+    let plural = if threads == 1 { "" } else { "s" };
     writeln!(
         stdout,
-        "listening on {} ({} threads)",
-        server.local_addr(),
-        server.threads()
+        "listening on {} ({threads} thread{plural})",
+        server.local_addr()
     )?;
     stdout.flush()?;
     drop(stdout);
-    server.run()
+    server.wait();
+    Ok(())
 }
 
 fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
