@@ -1,0 +1,243 @@
+//! The `echo` binary: what it prints, how it fails, its threads, its log and its exit codes.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+
+use common::{
+    connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess, PATIENCE,
+};
+
+/// Runs `echo` with `args`, which must make it exit by itself; returns its exit code, stdout
+/// and stderr. Unlike [`run_echo`], a bug that leaves it serving (a bind that should fail and
+/// does not) fails the test after [`PATIENCE`] instead of hanging it.
+fn run_echo_expecting_exit(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the echo binary");
+    let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("collect echo's output");
+    assert!(exited, "echo {args:?} still ran after {PATIENCE:?}");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
+/// stdout, and one line on stderr that starts with `prefix` (no panic, no backtrace); returns
+/// that line.
+fn assert_one_line_failure(args: &[&str], prefix: &str) -> String {
+    let (code, stdout, stderr) = run_echo_expecting_exit(args);
+    assert_eq!(
+        code,
+        Some(1),
+        "exit code of echo {args:?}; stderr: {stderr}"
+    );
+    assert_eq!(stdout, "", "stdout of echo {args:?}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "stderr of echo {args:?}: {stderr}"
+    );
+    assert!(
+        stderr.starts_with(prefix),
+        "stderr of echo {args:?}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    stderr
+}
+
+/// `echo` with `args` and the default log level, whatever `RUST_LOG` the tests run with.
+fn start_echo_with_default_logging(args: &[&str]) -> EchoProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.env_remove("RUST_LOG");
+    EchoProcess::start_with(command, args)
+}
+
+/// Starts `echo` with `args`, has one client send a message and hang up, stops it with SIGTERM,
+/// and returns the client's address and everything `echo` logged.
+fn log_of_one_client(args: &[&str]) -> (String, String) {
+    let mut echo = start_echo_with_default_logging(args);
+    let mut stderr = echo.stderr();
+    let mut client = connect(echo.addr);
+    let client_addr = client.local_addr().unwrap().to_string();
+    round_trip(&mut client, b"Hello\n");
+    drop(client);
+    // A stop waits for open connections to end, so the client's close is logged before exit.
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).expect("read echo's stderr");
+    (client_addr, log)
+}
+
+#[test]
+fn echo_prints_its_address_and_thread_count_and_answers_with_got() {
+    let echo = EchoProcess::start(&["--threads", "3"]);
+    assert_ne!(echo.addr.port(), 0, "the port it picked");
+    assert_eq!(
+        echo.listening,
+        format!("listening on 127.0.0.1:{} (3 threads)", echo.addr.port())
+    );
+    let mut client = connect(echo.addr);
+    round_trip(&mut client, b"Hello\n");
+    // A thread names itself once it runs, a moment after the server has spawned it.
+    let expected = ["taskserve-w0", "taskserve-w1", "taskserve-w2"];
+    assert!(
+        eventually(|| worker_thread_names(echo.child.id()) == expected),
+        "worker threads: {:?}",
+        worker_thread_names(echo.child.id())
+    );
+}
+
+#[test]
+fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let echo = EchoProcess::start(&["--host", "::1", "--threads", "1"]);
+    assert!(echo.addr.is_ipv6(), "{}", echo.listening);
+    assert_eq!(
+        echo.listening,
+        format!("listening on [::1]:{} (1 thread)", echo.addr.port())
+    );
+    let mut client = connect(echo.addr);
+    round_trip(&mut client, b"Hello over IPv6\n");
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--port", "65536"], "--port"),
+        (&["--port", "abc"], "--port"),
+        (&["--threads", "0"], "--threads"),
+        (&["--max-connections", "0"], "--max-connections"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (args, named) in cases {
+        let (code, stdout, stderr) = run_echo_expecting_exit(args);
+        assert_eq!(
+            code,
+            Some(2),
+            "exit code of echo {args:?}; stderr: {stderr}"
+        );
+        assert_eq!(stdout, "", "stdout of echo {args:?}");
+        assert!(
+            stderr.contains(named),
+            "stderr of echo {args:?} does not name {named}: {stderr}"
+        );
+        assert!(
+            stderr.contains("--help"),
+            "stderr of echo {args:?} does not point to --help: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_port_in_use_is_one_line_on_stderr_and_exit_code_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert_one_line_failure(
+        &["--port", &port],
+        &format!("echo: failed to bind 127.0.0.1:{port}: "),
+    );
+}
+
+#[test]
+fn an_address_not_on_this_machine_is_one_line_on_stderr_and_exit_code_1() {
+    // 192.0.2.1 is TEST-NET-1 (RFC 5737): reserved for documentation, never a local address.
+    // Binding fails at once; nothing is sent.
+    assert_one_line_failure(
+        &["--host", "192.0.2.1", "--port", "0"],
+        "echo: failed to bind 192.0.2.1:0: ",
+    );
+}
+
+#[test]
+fn a_host_that_does_not_resolve_is_one_line_on_stderr_and_exit_code_1() {
+    // `.invalid` never resolves (RFC 2606).
+    let stderr = assert_one_line_failure(&["--host", "no.such.host.invalid"], "echo: ");
+    assert!(stderr.contains("no.such.host.invalid"), "{stderr}");
+}
+
+#[test]
+fn help_documents_every_flag_and_exits_0() {
+    let (code, stdout, stderr) = run_echo(&["--help"]);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert_eq!(stderr, "");
+    for flag in [
+        "--threads",
+        "--port",
+        "--host",
+        "--max-connections",
+        "--idle-timeout",
+        "--shutdown-timeout",
+        "--quiet",
+        "--version",
+        "--help",
+    ] {
+        assert!(
+            stdout.contains(flag),
+            "--help does not mention {flag}:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn version_prints_the_crate_version_and_exits_0() {
+    for flag in ["--version", "-V"] {
+        let (code, stdout, stderr) = run_echo(&[flag]);
+        assert_eq!(code, Some(0), "exit code of echo {flag}; stderr: {stderr}");
+        assert_eq!(stdout.lines().count(), 1, "stdout of echo {flag}: {stdout}");
+        assert!(
+            stdout
+                .split_whitespace()
+                .any(|word| word == env!("CARGO_PKG_VERSION")),
+            "stdout of echo {flag}: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn sigterm_stops_an_idle_server_with_exit_code_0() {
+    let mut echo = start_echo_with_default_logging(&["--threads", "1"]);
+    let mut stderr = echo.stderr();
+    // Right after the listening line, as a script that waits for it would.
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).expect("read echo's stderr");
+    assert!(log.contains("stopping"), "log: {log}");
+}
+
+#[test]
+fn log_shows_each_client_connecting_and_closing() {
+    let (client_addr, log) = log_of_one_client(&["--threads", "1"]);
+    let from = log
+        .find(&format!("Connection from {client_addr}"))
+        .unwrap_or_else(|| panic!("no 'Connection from {client_addr}' in the log: {log}"));
+    let closed = log
+        .find("Connection closed")
+        .unwrap_or_else(|| panic!("no 'Connection closed' in the log: {log}"));
+    assert!(from < closed, "closed before it connected: {log}");
+}
+
+#[test]
+fn quiet_leaves_connections_out_of_the_log() {
+    let (_, log) = log_of_one_client(&["--threads", "1", "--quiet"]);
+    assert!(!log.contains("Connection from"), "log: {log}");
+    assert!(!log.contains("Connection closed"), "log: {log}");
+}

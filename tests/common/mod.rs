@@ -1,0 +1,245 @@
+//! What every integration test needs: a server on an ephemeral port (in-process or the `echo`
+//! binary), clients with time limits, and a reader that checks `GOT:` replies byte for byte.
+#![allow(dead_code)] // each test file uses its own part of this module
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use taskserve::{Builder, Server};
+
+/// How long any single wait in a test may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Starts an echo server with two threads on `127.0.0.1:0`.
+pub fn start_echo() -> Server {
+    start_echo_with(Server::builder().threads(2))
+}
+
+/// Starts an echo server built by `builder` on `127.0.0.1:0`.
+pub fn start_echo_with(builder: Builder) -> Server {
+    builder
+        .start("127.0.0.1:0", taskserve::echo)
+        .expect("server starts on an ephemeral port")
+}
+
+/// Connects to `addr` with read and write timeouts of [`PATIENCE`].
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to the server");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+/// `len` random bytes without `G`, so that in a reply every `G` starts a `GOT:` prefix.
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::new();
+    (0..len)
+        .map(|_| loop {
+            let b = rng.u8(..);
+            if b != b'G' {
+                break b;
+            }
+        })
+        .collect()
+}
+
+/// Strips `GOT:` prefixes from a stream of replies to payloads made by [`payload`], as bytes
+/// arrive. Panics on a byte where a prefix must be and is not.
+#[derive(Debug, Default)]
+pub struct Unprefixer {
+    /// Bytes of `GOT:` seen at the current position; 4 (or none yet) means inside a chunk.
+    in_prefix: Option<usize>,
+}
+
+impl Unprefixer {
+    /// Appends the payload bytes of `reply` to `out`.
+    pub fn feed(&mut self, reply: &[u8], out: &mut Vec<u8>) {
+        for &b in reply {
+            match self.in_prefix {
+                Some(n) if n < 4 => {
+                    assert_eq!(b, b"GOT:"[n], "malformed prefix in reply");
+                    self.in_prefix = Some(n + 1);
+                }
+                _ if b == b'G' => self.in_prefix = Some(1),
+                None => panic!("reply does not start with GOT:"),
+                _ => out.push(b),
+            }
+        }
+    }
+}
+
+/// Reads replies from `stream` until `len` payload bytes have come back; returns them.
+pub fn read_payload(stream: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    let mut unprefixer = Unprefixer::default();
+    let mut out = Vec::with_capacity(len);
+    let mut buf = vec![0; 64 * 1024];
+    while out.len() < len {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        unprefixer.feed(&buf[..n], &mut out);
+    }
+    Ok(out)
+}
+
+/// Sends `message` (made by [`payload`], or free of `G`) and checks that exactly it comes back.
+pub fn round_trip(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).expect("send");
+    let echoed = read_payload(stream, message.len()).expect("read the reply");
+    assert!(echoed == message, "the reply differs from what was sent");
+}
+
+/// Whether `reply` is `expected` cut into chunks, each behind `GOT:`: for any bytes, even ones
+/// that contain `GOT:` themselves (it tries every place a prefix could start).
+pub fn is_prefixed_echo(reply: &[u8], expected: &[u8]) -> bool {
+    let Some(rest) = reply.strip_prefix(b"GOT:") else {
+        return false;
+    };
+    let common = rest
+        .iter()
+        .zip(expected)
+        .take_while(|(a, b)| a == b)
+        .count();
+    (1..=common).rev().any(|k| {
+        let (reply_left, expected_left) = (&rest[k..], &expected[k..]);
+        if reply_left.is_empty() {
+            expected_left.is_empty()
+        } else {
+            is_prefixed_echo(reply_left, expected_left)
+        }
+    })
+}
+
+/// Retries `check` until it returns true or [`PATIENCE`] runs out; false in that case. For
+/// waiting on an event that has no notification, such as the server noticing a close.
+pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// The `echo` binary, running: killed when dropped.
+pub struct EchoProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The line it printed, `listening on ADDR (N threads)`.
+    pub listening: String,
+}
+
+impl EchoProcess {
+    /// Starts `echo --port 0` with `args` and waits for its listening line.
+    pub fn start(args: &[&str]) -> EchoProcess {
+        Self::start_with(Command::new(env!("CARGO_BIN_EXE_echo")), args)
+    }
+
+    /// As [`EchoProcess::start`], from a prepared command (say, under `prlimit`, or with
+    /// `RUST_LOG` set). The command's stderr is piped: see [`EchoProcess::stderr`].
+    pub fn start_with(mut command: Command, args: &[&str]) -> EchoProcess {
+        let mut child = command
+            .args(["--port", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the echo binary");
+        let mut listening = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut listening)
+            .expect("read the listening line");
+        let addr = listening
+            .strip_prefix("listening on ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {listening:?}"));
+        EchoProcess {
+            child,
+            addr,
+            listening: listening.trim_end().to_string(),
+        }
+    }
+
+    /// Its stderr, where the log goes.
+    pub fn stderr(&mut self) -> ChildStderr {
+        self.child.stderr.take().expect("stderr taken once")
+    }
+
+    /// Its resident memory in KiB, from `/proc`.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Sends `signal` (`"TERM"`, `"INT"`...) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to [`PATIENCE`] for it to exit; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for echo") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "echo did not exit in {PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `echo` binary with `args` to completion, for flags that make it exit at once:
+/// returns its exit code, stdout and stderr.
+pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_echo"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the echo binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The sorted names of the worker threads (`taskserve-w*`) of process `pid` (a number, or
+/// `"self"` for the test itself), from `/proc/PID/task/*/comm`.
+pub fn worker_thread_names(pid: impl std::fmt::Display) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list /proc/PID/task");
+    let mut names: Vec<String> = tasks
+        // A thread may end between the listing and the read: skip it.
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|comm| comm.trim_end().to_string())
+        .filter(|name| name.starts_with("taskserve-w"))
+        .collect();
+    names.sort();
+    names
+}
