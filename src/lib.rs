@@ -60,3 +60,8 @@ mod shutdown;
 
 pub use echo::{echo, READ_SIZE};
 pub use server::{serve, Builder, Server, StopHandle};
+
+/// The README's Rust examples, compiled and run by `cargo test` so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
