@@ -429,20 +429,13 @@ impl StopHandle {
 }
 
 /// One worker thread: runs the shared executor until the server releases it.
+///
+/// `smol::block_on` (async-io's) lets an idle worker wait on the reactor itself, instead of every
+/// I/O event hopping through async-io's helper thread. A panicking task does not unwind into
+/// here: async-executor keeps a task's panic in the task, and connection tasks log it first.
 fn run_worker(executor: &Executor<'static>, released: channel::Receiver<()>) {
-    loop {
-        // `async_io::block_on` lets an idle worker wait on the reactor itself, instead of every
-        // I/O event hopping through async-io's helper thread.
-        let run = panic::catch_unwind(AssertUnwindSafe(|| {
-            smol::block_on(executor.run(released.recv()))
-        }));
-        match run {
-            Ok(_) => return,
-            // Connection tasks catch their own panics; this keeps the thread alive if some
-            // other task's panic gets here, as smol's own worker threads do.
-            Err(_) => error!("a task panicked on a worker thread; the thread goes on"),
-        }
-    }
+    // `recv` fails once the server drops the sender: that is the signal to return.
+    let _ = smol::block_on(executor.run(released.recv()));
 }
 
 /// Binds the first address of `addr` that can be bound, with the given listen backlog.
