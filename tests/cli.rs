@@ -4,41 +4,15 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{
-    connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess, PATIENCE,
-};
-
-/// Runs `echo` with `args`, which must make it exit by itself; returns its exit code, stdout
-/// and stderr. Unlike [`run_echo`], a bug that leaves it serving (a bind that should fail and
-/// does not) fails the test after [`PATIENCE`] instead of hanging it.
-fn run_echo_expecting_exit(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the echo binary");
-    let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
-    if !exited {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("collect echo's output");
-    assert!(exited, "echo {args:?} still ran after {PATIENCE:?}");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::{connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess};
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
 /// stdout, and one line on stderr that starts with `prefix` (no panic, no backtrace); returns
 /// that line.
 fn assert_one_line_failure(args: &[&str], prefix: &str) -> String {
-    let (code, stdout, stderr) = run_echo_expecting_exit(args);
+    let (code, stdout, stderr) = run_echo(args);
     assert_eq!(
         code,
         Some(1),
@@ -128,7 +102,7 @@ fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
         (&["--no-such-flag"], "--no-such-flag"),
     ];
     for (args, named) in cases {
-        let (code, stdout, stderr) = run_echo_expecting_exit(args);
+        let (code, stdout, stderr) = run_echo(args);
         assert_eq!(
             code,
             Some(2),

@@ -141,7 +141,9 @@ impl EchoProcess {
     }
 
     /// As [`EchoProcess::start`], from a prepared command (say, under `prlimit`, or with
-    /// `RUST_LOG` set). The command's stderr is piped: see [`EchoProcess::stderr`].
+    /// `RUST_LOG` set). The command's stderr is piped: a test that makes many connections must
+    /// read it ([`EchoProcess::stderr`]) or pass `--quiet`, or the server blocks in its logger
+    /// once the pipe's 64 KiB are full.
     pub fn start_with(mut command: Command, args: &[&str]) -> EchoProcess {
         let mut child = command
             .args(["--port", "0"])
@@ -215,14 +217,23 @@ impl Drop for EchoProcess {
     }
 }
 
-/// Runs the `echo` binary with `args` to completion, for flags that make it exit at once:
-/// returns its exit code, stdout and stderr.
+/// Runs `echo` with `args`, which must make it exit by itself; returns its exit code, stdout
+/// and stderr. A bug that leaves it serving (a bind that should fail and
+/// does not) fails the test after [`PATIENCE`] instead of hanging it.
 pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_echo"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
         .args(args)
         .stdin(Stdio::null())
-        .output()
-        .expect("run the echo binary");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the echo binary");
+    let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("collect echo's output");
+    assert!(exited, "echo {args:?} still ran after {PATIENCE:?}");
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
