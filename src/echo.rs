@@ -63,7 +63,7 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
     let mut budget = CHUNKS_BEFORE_YIELD;
     // Wait for readiness before reading, so an idle connection holds no buffer: the read goes
     // into the worker thread's buffer only once there is something to read.
-    stream.readable().await?;
+    wait_readable(&stream).await?;
     loop {
         match answer_one_chunk(stream.get_ref()) {
             Ok(Answered::Fully { filled_buffer }) => {
@@ -75,7 +75,7 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
                 // A short read means the socket is drained (the hint tokio uses too): wait for
                 // the next data instead of paying a read that would only say "would block".
                 if !filled_buffer {
-                    stream.readable().await?;
+                    wait_readable(&stream).await?;
                 }
             }
             Ok(Answered::Partly(unsent)) => {
@@ -84,10 +84,16 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
                 (&*stream).write_all(&unsent).await?;
             }
             Ok(Answered::EndOfStream) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&stream).await?,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Waits until the socket is readable. `poll_readable` rather than `readable()`: the same wait
+/// without a guard object whose drop takes the socket's lock again, once per message.
+async fn wait_readable(stream: &Async<std::net::TcpStream>) -> io::Result<()> {
+    future::poll_fn(|cx| stream.poll_readable(cx)).await
 }
 
 enum Answered {
