@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -107,12 +107,12 @@ enum Answered {
 /// move to another thread). Fails with `WouldBlock` when there is nothing to read.
 fn answer_one_chunk(socket: &std::net::TcpStream) -> io::Result<Answered> {
     REPLY.with_borrow_mut(|reply| {
-        let read = retry_interrupted(|| (&*socket).read(&mut reply[PREFIX.len()..]))?;
+        let read = retry_interrupted(|| recv(socket, &mut reply[PREFIX.len()..]))?;
         if read == 0 {
             return Ok(Answered::EndOfStream);
         }
         let reply = &reply[..PREFIX.len() + read];
-        let written = match retry_interrupted(|| (&*socket).write(reply)) {
+        let written = match retry_interrupted(|| send(socket, reply)) {
             Ok(written) => written,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
@@ -125,6 +125,32 @@ fn answer_one_chunk(socket: &std::net::TcpStream) -> io::Result<Answered> {
             Answered::Partly(reply[written..].to_vec())
         })
     })
+}
+
+#[cfg(unix)]
+fn recv(socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(rustix::net::recv(socket, buf, rustix::net::RecvFlags::empty())?.0)
+}
+
+#[cfg(unix)]
+fn send(socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // NOSIGNAL: a client gone away is an EPIPE error here, not a SIGPIPE for the process (std
+    // ignores SIGPIPE in binaries, but a library cannot count on its host doing so).
+    Ok(rustix::net::send(
+        socket,
+        buf,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?)
+}
+
+#[cfg(not(unix))]
+fn recv(mut socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    io::Read::read(&mut socket, buf)
+}
+
+#[cfg(not(unix))]
+fn send(mut socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    io::Write::write(&mut socket, buf)
 }
 
 fn retry_interrupted<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
