@@ -336,8 +336,11 @@ impl Server {
         let Some(accept) = self.accept.take() else {
             return;
         };
-        // Cancelling drops the accept loop, and with it the listening socket.
-        future::block_on(accept.cancel());
+        // Cancelling drops the accept loop, and with it the listening socket. This thread runs
+        // the executor meanwhile: with no worker started (a failed `start`), nothing else would.
+        if let Some(executor) = &self.executor {
+            future::block_on(executor.run(accept.cancel()));
+        }
         let open = self.tracker.open();
         if open > 0 {
             info!(
