@@ -215,3 +215,34 @@ fn quiet_leaves_connections_out_of_the_log() {
     assert!(!log.contains("Connection from"), "log: {log}");
     assert!(!log.contains("Connection closed"), "log: {log}");
 }
+
+#[test]
+fn echo_raises_its_open_file_limit_to_the_hard_limit_and_warns_below_max_connections() {
+    // Each client is a descriptor: a soft limit of 256 would stop the server at ~250 clients.
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--nofile=256:2048", "--", env!("CARGO_BIN_EXE_echo")]);
+    let mut echo = EchoProcess::start_with(prlimit, &["--quiet"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", echo.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let values: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(values, ["2048", "2048"], "{open_files}");
+
+    // 2048 is below the default --max-connections of 10000: the operator is told, once.
+    round_trip(&mut connect(echo.addr), b"still served");
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0));
+    let mut stderr = String::new();
+    echo.stderr().read_to_string(&mut stderr).unwrap();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("open-file limit"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("2048") && warnings[0].contains("10000"),
+        "{stderr}"
+    );
+}

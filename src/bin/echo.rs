@@ -100,6 +100,7 @@ fn parse_args() -> Result<Args, ExitCode> {
 }
 
 fn run(args: &Args) -> io::Result<()> {
+    raise_open_file_limit(args.max_connections);
     let addrs = resolve(&args.host, args.port)?;
     let server = taskserve::Server::builder()
         .threads(args.threads)
@@ -134,6 +135,39 @@ fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
         .map(Iterator::collect)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --host {host:?}: {e}")))
 }
+
+/// Raises the soft limit on open files to the hard one, as Go programs do at start-up: every
+/// client is a file descriptor, and the usual soft limit of 1024 would stop the server far below
+/// its default `--max-connections`. Warns when even the hard limit is below that.
+#[cfg(unix)]
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            log::debug!("cannot raise the open-file limit: {e}");
+        }
+    }
+    // `None` is unlimited. A few descriptors go to the listener, the reactor and std streams.
+    if let Some(files) = getrlimit(Resource::Nofile).current {
+        let wanted = max_connections as u64 + 16;
+        if files < wanted {
+            log::warn!(
+                "the open-file limit is {files}, below --max-connections {max_connections}: past \
+                 about {} clients, new ones wait until descriptors free up (raise it with ulimit -n)",
+                files.saturating_sub(16)
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit(_max_connections: usize) {}
 
 fn seconds_or_never(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
