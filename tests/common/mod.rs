@@ -145,14 +145,8 @@ impl EchoProcess {
     /// read it ([`EchoProcess::stderr`]) or pass `--quiet`, or the server blocks in its logger
     /// once the pipe's 64 KiB are full.
     pub fn start_with(mut command: Command, args: &[&str]) -> EchoProcess {
-        let mut child = command
-            .args(["--port", "0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the echo binary");
+        command.args(["--port", "0"]);
+        let mut child = spawn(command, args);
         let mut listening = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut listening)
@@ -217,17 +211,23 @@ impl Drop for EchoProcess {
     }
 }
 
-/// Runs `echo` with `args`, which must make it exit by itself; returns its exit code, stdout
-/// and stderr. A bug that leaves it serving (a bind that should fail and
-/// does not) fails the test after [`PATIENCE`] instead of hanging it.
-pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
+/// Spawns `command` (the echo binary, or a wrapper such as `prlimit` around it) with `args`
+/// added, no stdin, and stdout and stderr piped.
+fn spawn(mut command: Command, args: &[&str]) -> Child {
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start the echo binary");
+        .expect("start the echo binary")
+}
+
+/// Runs `echo` with `args`, which must make it exit by itself; returns its exit code, stdout
+/// and stderr. A bug that leaves it serving (a bind that should fail and does not) fails the
+/// test after [`PATIENCE`] instead of hanging it.
+pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = spawn(Command::new(env!("CARGO_BIN_EXE_echo")), args);
     let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
     if !exited {
         let _ = child.kill();
