@@ -5,7 +5,7 @@ use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -36,9 +36,9 @@ pin_project! {
         /// A connection dropped before its handler finished was cancelled: the server stopped
         /// and its drain ran out of time. It is closed all the same, and logged as such.
         fn drop(this: Pin<&mut Self>) {
-            let mut this = this.project();
+            let this = this.project();
             if this.handler.is_some() {
-                this.handler.set(None);
+                drop_handler(this.handler, *this.peer);
                 debug!("{}: closed by the server stopping", this.peer);
                 info!("Connection closed: {}", this.peer);
             }
@@ -78,9 +78,9 @@ impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
         let Poll::Ready(outcome) = outcome else {
             return Poll::Pending;
         };
-        // Dropping the handler's future closes the socket, before the log says so.
-        this.handler.set(None);
         let peer = *this.peer;
+        // Dropping the handler's future closes the socket, before the log says so.
+        drop_handler(this.handler, peer);
         match outcome {
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e))) => log_handler_error(peer, &e),
@@ -90,6 +90,15 @@ impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
         info!("Connection closed: {peer}");
         drop(this.slot.take());
         Poll::Ready(())
+    }
+}
+
+/// Drops the handler's future, catching a panic in its `Drop`: one while a stop cancels the task
+/// would otherwise abort the process (async-task cannot unwind out of a destructor).
+fn drop_handler<F>(handler: Pin<&mut Option<F>>, peer: SocketAddr) {
+    let mut handler = handler;
+    if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| handler.set(None))) {
+        log_panic(peer, &*panic);
     }
 }
 

@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::{log_panic, Connection};
 use crate::idle::{IdleSweeper, IdleWatch};
-use crate::shutdown::{Flag, Tracker};
+use crate::shutdown::{StopRequests, Tracker};
 
 /// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
 /// one call, with the [`Builder`]'s defaults.
@@ -108,10 +108,12 @@ impl Builder {
         self
     }
 
-    /// How long a connection may go without traffic before it is closed (default 300 s); `None`
-    /// never closes one. A connection whose reply cannot be sent because its client stopped
-    /// reading counts as without traffic too. It is closed between the timeout and an eighth
-    /// more after its last activity.
+    /// How long a connection may go without activity before it is closed (default 300 s); `None`
+    /// never closes one. A connection is active when its handler is woken: data or a close
+    /// arrived, a blocked write made progress, or anything else the handler awaits happened (a
+    /// chat room's messages, say). So a client that stopped reading while its reply waits is
+    /// inactive too. It is closed between the timeout and an eighth more after its last
+    /// activity, give or take the time a busy worker takes to notice. Must not be zero.
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
@@ -132,9 +134,14 @@ impl Builder {
         self
     }
 
-    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`] says yes). The
-    /// handlers are in place before the address is bound, so a script that waits for the server
-    /// to listen can signal it at once. See [`Server::wait`].
+    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`] says yes), each
+    /// counting as one [`StopHandle::stop`]. The handlers are in place when `start` returns, so
+    /// a script that waits for the server's address can signal it at once. See
+    /// [`Server::wait`].
+    ///
+    /// The handlers come from signal-hook, which cannot give a signal its default action back:
+    /// once the server has stopped, the process ignores SIGINT and SIGTERM. Use it in a program
+    /// that ends when its server does, as the `echo` binary.
     pub fn stop_on_signals(mut self, yes: bool) -> Self {
         self.stop_on_signals = yes;
         self
@@ -160,9 +167,9 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// Fails with [`io::ErrorKind::InvalidInput`] for zero threads or zero connections, with
-    /// the cause (in use, not available...) when no address of `addr` can be bound, and when
-    /// a worker thread cannot be started.
+    /// Fails with [`io::ErrorKind::InvalidInput`] for zero threads, zero connections or a zero
+    /// idle timeout, with the cause (in use, not available...) when no address of `addr` can be
+    /// bound, and when a worker thread cannot be started.
     pub fn start<A, H, F>(self, addr: A, handler: H) -> io::Result<Server>
     where
         A: ToSocketAddrs,
@@ -175,13 +182,11 @@ impl Builder {
         if self.max_connections == 0 {
             return Err(invalid_input("max_connections must be at least 1"));
         }
-        let signals = if self.stop_on_signals {
-            Some(Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
-                io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
-            })?)
-        } else {
-            None
-        };
+        if self.idle_timeout == Some(Duration::ZERO) {
+            return Err(invalid_input(
+                "idle_timeout must be more than zero (None never times out)",
+            ));
+        }
         let listener = bind(addr, self.backlog)?;
         let local_addr = listener.local_addr()?;
         let listener = Async::new(listener)?;
@@ -205,26 +210,42 @@ impl Builder {
         let mut server = Server {
             local_addr,
             threads: self.threads,
-            shutdown_timeout: self.shutdown_timeout,
-            stop: Arc::default(),
-            signals,
-            tracker,
-            accept: Some(accept),
-            release_workers: Some(release_workers),
-            workers: Vec::with_capacity(self.threads),
-            executor: Some(executor),
+            requests: Arc::default(),
+            tracker: Arc::clone(&tracker),
+            running: Some(Running {
+                accept,
+                tracker,
+                shutdown_timeout: self.shutdown_timeout,
+                release_workers,
+                workers: Vec::with_capacity(self.threads),
+                executor: Arc::clone(&executor),
+            }),
         };
         for n in 0..self.threads {
             // Linux keeps 15 bytes of a thread name: `taskserve-worker-N` would lose its number.
             let name = format!("taskserve-w{n}");
-            let executor = Arc::clone(server.executor.as_ref().expect("set above"));
+            let executor = Arc::clone(&executor);
             let released = released.clone();
             let worker = thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || run_worker(&executor, released))
                 .map_err(|e| io::Error::new(e.kind(), format!("failed to start {name}: {e}")))?;
             // On an early return, dropping `server` stops the workers started so far.
-            server.workers.push(worker);
+            server
+                .running
+                .as_mut()
+                .expect("just built")
+                .workers
+                .push(worker);
+        }
+        if self.stop_on_signals {
+            // Last, once nothing else can fail: signal-hook cannot give a signal its default
+            // action back, so a failed start must not leave the process deaf to Ctrl-C.
+            let signals = Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
+                io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
+            })?;
+            let requests = Arc::clone(&server.requests);
+            executor.spawn(forward_signals(signals, requests)).detach();
         }
         info!("listening on {local_addr} ({} threads)", self.threads);
         Ok(server)
@@ -256,20 +277,26 @@ fn invalid_input(message: &str) -> io::Error {
 pub struct Server {
     local_addr: SocketAddr,
     threads: usize,
-    shutdown_timeout: Duration,
-    /// Set by a [`StopHandle`]: asks [`Server::wait`] to stop, and a second time to hurry.
-    stop: Arc<StopRequests>,
-    /// SIGINT and SIGTERM, when the builder asked for them: the same requests.
-    signals: Option<Signals>,
-    /// Open connections, to wait for them to end when stopping.
+    /// Made by a [`StopHandle`] or a signal: the first asks [`Server::wait`] to stop, the next
+    /// to hurry.
+    requests: Arc<StopRequests>,
+    /// Open connections.
     tracker: Arc<Tracker>,
+    /// What a stop takes apart; `None` once stopped.
+    running: Option<Running>,
+}
+
+/// The parts of a server that a stop takes apart, in this order.
+struct Running {
     /// Owns the listening socket; cancelling it releases the port.
-    accept: Option<Task<()>>,
+    accept: Task<()>,
+    tracker: Arc<Tracker>,
+    shutdown_timeout: Duration,
     /// Dropping this sender ends every worker's run of the executor.
-    release_workers: Option<channel::Sender<()>>,
+    release_workers: channel::Sender<()>,
     workers: Vec<thread::JoinHandle<()>>,
     /// Dropped last, which cancels the connection tasks still left and so closes their sockets.
-    executor: Option<Arc<Executor<'static>>>,
+    executor: Arc<Executor<'static>>,
 }
 
 impl fmt::Debug for Server {
@@ -303,44 +330,68 @@ impl Server {
         self.tracker.open()
     }
 
-    /// A handle that asks this server to stop from another thread, for a server blocked in
-    /// [`Server::wait`].
+    /// A handle that asks this server to stop from another thread, or from one of its own
+    /// tasks, for a server blocked in [`Server::wait`].
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(Arc::clone(&self.stop))
+        StopHandle(Arc::clone(&self.requests))
     }
 
     /// Stops gracefully: stops accepting (the port is free when this returns), waits up to the
-    /// shutdown timeout for open connections to end, closes the rest, and stops the threads.
+    /// shutdown timeout for open connections to end, closes the rest, and stops the threads. A
+    /// stop request made meanwhile (a [`StopHandle`], or a signal with
+    /// [`Builder::stop_on_signals`]) closes them at once.
+    ///
+    /// Called from one of the server's own tasks, which cannot wait for itself, it returns at
+    /// once and the stop goes on in a thread of its own.
     pub fn stop(mut self) {
-        let stop = Arc::clone(&self.stop);
-        self.shutdown(stop.urgent.wait());
+        let requests = Arc::clone(&self.requests);
+        let before = requests.count();
+        self.shutdown(async move { requests.reached(before + 1).await });
     }
 
-    /// Serves until a stop is asked for, by a [`StopHandle`] or, if the builder said
+    /// Serves until a stop is asked for, by a [`StopHandle`] or, with
     /// [`Builder::stop_on_signals`], by SIGINT or SIGTERM; then stops as [`Server::stop`] does. A
-    /// second request or signal cuts the wait for open connections short and closes them at once.
+    /// second request or signal cuts the wait for open connections short and closes them at
+    /// once. Not for one of the server's own tasks: it would block a worker thread.
     pub fn wait(mut self) {
-        let mut signals = self.signals.take();
-        let stop = Arc::clone(&self.stop);
-        let first = future::block_on(stop_requested(&mut signals, &stop.requested));
-        info!("{first}: stopping");
-        self.shutdown(async {
-            let hurry = stop_requested(&mut signals, &stop.urgent).await;
-            info!("{hurry} again: closing connections now");
+        let requests = Arc::clone(&self.requests);
+        future::block_on(requests.reached(1));
+        info!("stopping");
+        self.shutdown(async move {
+            requests.reached(2).await;
+            info!("asked again: closing connections now");
         });
     }
 
-    /// Stops accepting, waits for open connections until they end, the shutdown timeout
-    /// passes or `hurry` completes, then closes the rest and joins the workers.
-    fn shutdown(&mut self, hurry: impl Future<Output = ()>) {
-        let Some(accept) = self.accept.take() else {
+    /// Takes the server apart (see [`Running::finish`]), on this thread unless it is one of the
+    /// server's workers, which can neither wait for its own task nor join itself.
+    fn shutdown(&mut self, hurry: impl Future<Output = ()> + Send + 'static) {
+        let Some(running) = self.running.take() else {
             return;
         };
+        let me = thread::current().id();
+        if !running.workers.iter().any(|w| w.thread().id() == me) {
+            running.finish(hurry);
+            return;
+        }
+        let stopping = thread::Builder::new()
+            .name("taskserve-stop".into())
+            .spawn(move || running.finish(hurry));
+        if let Err(e) = stopping {
+            // `running` was dropped with the closure: the workers end when the sender drops,
+            // and the last of them drops the executor.
+            error!("cannot start a thread to stop the server ({e}); stopping without a drain");
+        }
+    }
+}
+
+impl Running {
+    /// Stops accepting, waits for open connections until they end, the shutdown timeout
+    /// passes or `hurry` completes, then closes the rest and joins the workers.
+    fn finish(self, hurry: impl Future<Output = ()>) {
         // Cancelling drops the accept loop, and with it the listening socket. This thread runs
         // the executor meanwhile: with no worker started (a failed `start`), nothing else would.
-        if let Some(executor) = &self.executor {
-            future::block_on(executor.run(accept.cancel()));
-        }
+        future::block_on(self.executor.run(self.accept.cancel()));
         let open = self.tracker.open();
         if open > 0 {
             info!(
@@ -361,15 +412,16 @@ impl Server {
         if left > 0 {
             info!("closing {left} connections still open");
         }
-        drop(self.release_workers.take());
-        for worker in self.workers.drain(..) {
-            // Workers catch panics themselves; a join error would be a bug in this crate.
+        drop(self.release_workers);
+        for worker in self.workers {
+            // Tasks keep their panics (async-executor), so a worker only fails to join if
+            // something outside any task panicked.
             if worker.join().is_err() {
                 error!("a worker thread panicked");
             }
         }
         // The executor cancels its remaining tasks when dropped; their sockets close then.
-        drop(self.executor.take());
+        drop(self.executor);
         info!("stopped");
     }
 }
@@ -380,30 +432,21 @@ impl Drop for Server {
     }
 }
 
-/// Completes on the next signal, if there are signals, or when `flag` is set; says which.
-async fn stop_requested(signals: &mut Option<Signals>, flag: &Flag) -> &'static str {
-    let signal = async {
-        match signals {
-            Some(signals) => match signals.next().await {
-                Some(Ok(Signal::Int)) => "received SIGINT",
-                Some(Ok(Signal::Term)) => "received SIGTERM",
-                _ => "received a signal",
-            },
-            None => future::pending().await,
+/// Turns SIGINT and SIGTERM into stop requests, for as long as the server runs. Spawned on the
+/// server's executor, so that signals count during a stop's drain too.
+async fn forward_signals(mut signals: Signals, requests: Arc<StopRequests>) {
+    while let Some(signal) = signals.next().await {
+        match signal {
+            Ok(Signal::Int) => info!("received SIGINT"),
+            Ok(Signal::Term) => info!("received SIGTERM"),
+            Ok(other) => info!("received {other:?}"),
+            Err(e) => {
+                warn!("cannot read signals: {e}");
+                return;
+            }
         }
-    };
-    signal
-        .or(async {
-            flag.wait().await;
-            "stop requested"
-        })
-        .await
-}
-
-#[derive(Debug, Default)]
-struct StopRequests {
-    requested: Flag,
-    urgent: Flag,
+        requests.request();
+    }
 }
 
 /// Asks a [`Server`] to stop, from any thread; it is cheap to clone.
@@ -421,13 +464,10 @@ struct StopRequests {
 pub struct StopHandle(Arc<StopRequests>);
 
 impl StopHandle {
-    /// Asks the server to stop gracefully; asking again closes open connections at once.
+    /// Asks the server to stop gracefully; asking again (or a signal, with
+    /// [`Builder::stop_on_signals`]) closes open connections at once.
     pub fn stop(&self) {
-        if self.0.requested.is_set() {
-            self.0.urgent.set();
-        } else {
-            self.0.requested.set();
-        }
+        self.0.request();
     }
 }
 
@@ -549,13 +589,39 @@ async fn accept_loop<H, F>(
     }
 }
 
-/// Accept errors about a client that gave up while queued: retry at once.
+/// Accept errors about the client at the head of the queue (it gave up, or its network did),
+/// not about the server: retry at once, without a log line above debug.
 fn concerns_one_client(e: &io::Error) -> bool {
     use io::ErrorKind::*;
     matches!(
         e.kind(),
         ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
-    )
+    ) || is_pending_network_error(e)
+}
+
+/// Linux's accept(2) passes on network errors already pending on the new socket, and says to
+/// treat them like EAGAIN and retry; a firewall can add EPERM.
+#[cfg(unix)]
+fn is_pending_network_error(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let pending = [
+        Errno::NETDOWN,
+        Errno::PROTO,
+        Errno::NOPROTOOPT,
+        Errno::HOSTDOWN,
+        Errno::NONET,
+        Errno::HOSTUNREACH,
+        Errno::OPNOTSUPP,
+        Errno::NETUNREACH,
+        Errno::PERM,
+    ];
+    e.raw_os_error()
+        .is_some_and(|code| pending.iter().any(|errno| errno.raw_os_error() == code))
+}
+
+#[cfg(not(unix))]
+fn is_pending_network_error(_: &io::Error) -> bool {
+    false
 }
 
 /// Exponential back-off for accept failures: 5 ms, doubling, capped at 1 s.

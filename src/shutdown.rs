@@ -1,33 +1,35 @@
 //! The two facts a stopping server waits on: "a stop was asked for" and "no connection is open".
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use event_listener::Event;
 
-/// A flag that is set once and can be awaited: a stop request, or its second, urgent form.
+/// Stop requests, counted: the first asks a server to stop gracefully, any later one to hurry.
+/// A `StopHandle` and a signal count alike.
 #[derive(Debug, Default)]
-pub(crate) struct Flag {
-    set: AtomicBool,
+pub(crate) struct StopRequests {
+    count: AtomicUsize,
     event: Event,
 }
 
-impl Flag {
-    pub(crate) fn set(&self) {
-        self.set.store(true, Ordering::SeqCst);
+impl StopRequests {
+    pub(crate) fn request(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
         self.event.notify(usize::MAX);
     }
 
-    pub(crate) fn is_set(&self) -> bool {
-        self.set.load(Ordering::SeqCst)
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
     }
 
-    /// Completes once [`Flag::set`] has been called, even if that happened before the call.
-    pub(crate) async fn wait(&self) {
-        while !self.is_set() {
-            // Listen first, then check again: a `set` between the check and the listen is not missed.
+    /// Completes once `n` requests have been made, counting those made before the call.
+    pub(crate) async fn reached(&self, n: usize) {
+        while self.count() < n {
+            // Listen first, then check again: a request between the check and the listen is not
+            // missed.
             let listener = self.event.listen();
-            if self.is_set() {
+            if self.count() >= n {
                 break;
             }
             listener.await;
@@ -119,9 +121,11 @@ mod tests {
     }
 
     #[test]
-    fn flag_wait_sees_a_set_that_came_first() {
-        let flag = Flag::default();
-        flag.set();
-        future::block_on(flag.wait());
+    fn reached_counts_requests_made_before_the_wait() {
+        let requests = StopRequests::default();
+        requests.request();
+        requests.request();
+        future::block_on(requests.reached(2));
+        assert_eq!(requests.count(), 2);
     }
 }

@@ -283,17 +283,22 @@ fn start_runs_the_requested_number_of_named_worker_threads_until_stop() {
 }
 
 #[test]
-fn start_rejects_zero_threads_and_zero_max_connections() {
-    let zero_threads = Server::builder()
-        .threads(0)
-        .start("127.0.0.1:0", taskserve::echo)
-        .expect_err("zero threads");
-    assert_eq!(zero_threads.kind(), io::ErrorKind::InvalidInput);
-    let zero_connections = Server::builder()
-        .max_connections(0)
-        .start("127.0.0.1:0", taskserve::echo)
-        .expect_err("zero connections");
-    assert_eq!(zero_connections.kind(), io::ErrorKind::InvalidInput);
+fn start_rejects_zero_threads_connections_or_idle_timeout() {
+    let zero = [
+        ("zero threads", Server::builder().threads(0)),
+        ("zero connections", Server::builder().max_connections(0)),
+        // `None` is "never"; a zero timeout would close every connection at once.
+        (
+            "zero idle timeout",
+            Server::builder().idle_timeout(Some(Duration::ZERO)),
+        ),
+    ];
+    for (what, builder) in zero {
+        let error = builder
+            .start("127.0.0.1:0", taskserve::echo)
+            .expect_err(what);
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{what}");
+    }
 }
 
 #[test]

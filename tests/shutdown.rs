@@ -335,3 +335,89 @@ fn second_stop_request_closes_open_connections_at_once() {
         hurried.elapsed()
     );
 }
+
+#[test]
+fn one_stop_request_during_stop_closes_open_connections_at_once() {
+    let server = start_echo_with(
+        Server::builder()
+            .threads(2)
+            .shutdown_timeout(Duration::from_secs(30)),
+    );
+    let (addr, handle) = (server.local_addr(), server.stop_handle());
+    let mut client = connect(addr);
+    round_trip(&mut client, b"served while running");
+    let (done, returned) = mpsc::channel();
+    thread::spawn(move || {
+        server.stop();
+        done.send(()).unwrap();
+    });
+    assert!(eventually(|| refuses_connections(addr)), "still accepting");
+    // stop() is the first request already: one more is the second, and hurries it.
+    handle.stop();
+    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
+    returned
+        .recv_timeout(Duration::from_secs(5))
+        .expect("stop returns at once after a request made during its drain");
+}
+
+#[test]
+fn a_handler_can_stop_its_own_server() {
+    // The server sits in a slot its own handler can reach, as an embedder's might.
+    let slot: Arc<Mutex<Option<Server>>> = Arc::default();
+    let handler_slot = Arc::clone(&slot);
+    let server = Server::builder()
+        .threads(2)
+        .shutdown_timeout(Duration::from_secs(30))
+        .start("127.0.0.1:0", move |mut stream: async_net::TcpStream, _| {
+            let slot = Arc::clone(&handler_slot);
+            async move {
+                use smol::io::AsyncWriteExt;
+                let server = slot.lock().unwrap().take();
+                if let Some(server) = server {
+                    // On a worker thread: stop() must neither wait for this very task nor
+                    // join this thread.
+                    server.stop();
+                }
+                stream.write_all(b"stopping").await
+            }
+        })
+        .unwrap();
+    let addr = server.local_addr();
+    *slot.lock().unwrap() = Some(server);
+
+    let mut client = connect(addr);
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"stopping", "the handler ran to its end");
+    assert!(
+        eventually(|| TcpListener::bind(addr).is_ok()),
+        "the port was not released"
+    );
+}
+
+/// Panics when dropped: a handler's state with a buggy destructor.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("a destructor that panics");
+    }
+}
+
+#[test]
+fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
+    let server = Server::builder()
+        .threads(2)
+        .shutdown_timeout(Duration::from_millis(100))
+        .start("127.0.0.1:0", |_stream: async_net::TcpStream, _| async {
+            let _state = PanicsOnDrop;
+            std::future::pending::<io::Result<()>>().await
+        })
+        .unwrap();
+    let mut client = connect(server.local_addr());
+    assert!(eventually(|| server.connections() == 1));
+    // The drain times out and the task is cancelled: dropping its future panics. Before the
+    // fix this aborted the whole test process.
+    server.stop();
+    assert_eq!(client.read(&mut [0; 1]).unwrap_or(0), 0, "EOF or reset");
+}
