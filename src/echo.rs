@@ -60,18 +60,14 @@ pub fn echo(
 }
 
 async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
-    let mut budget = CHUNKS_BEFORE_YIELD;
+    let mut budget = Budget::default();
     // Wait for readiness before reading, so an idle connection holds no buffer: the read goes
     // into the worker thread's buffer only once there is something to read.
     wait_readable(&stream).await?;
     loop {
         match answer_one_chunk(stream.get_ref()) {
             Ok(Answered::Fully { filled_buffer }) => {
-                budget -= 1;
-                if budget == 0 {
-                    budget = CHUNKS_BEFORE_YIELD;
-                    future::yield_now().await;
-                }
+                budget.spend().await;
                 // A short read means the socket is drained (the hint tokio uses too): wait for
                 // the next data instead of paying a read that would only say "would block".
                 if !filled_buffer {
@@ -82,10 +78,32 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
                 // The client is slow to read: finish this reply before reading anything more.
                 // This copy is the only per-connection buffer, and only while the client lags.
                 (&*stream).write_all(&unsent).await?;
+                // A client that reads at just the pace of these writes never makes them wait:
+                // the chunk counts against the budget too.
+                budget.spend().await;
             }
             Ok(Answered::EndOfStream) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&stream).await?,
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Chunks a connection may still answer before it gives its worker thread back to other tasks.
+struct Budget(u32);
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget(CHUNKS_BEFORE_YIELD)
+    }
+}
+
+impl Budget {
+    async fn spend(&mut self) {
+        self.0 -= 1;
+        if self.0 == 0 {
+            self.0 = CHUNKS_BEFORE_YIELD;
+            future::yield_now().await;
         }
     }
 }
