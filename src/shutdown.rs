@@ -25,15 +25,7 @@ impl StopRequests {
 
     /// Completes once `n` requests have been made, counting those made before the call.
     pub(crate) async fn reached(&self, n: usize) {
-        while self.count() < n {
-            // Listen first, then check again: a request between the check and the listen is not
-            // missed.
-            let listener = self.event.listen();
-            if self.count() >= n {
-                break;
-            }
-            listener.await;
-        }
+        until(&self.event, || self.count() >= n).await;
     }
 }
 
@@ -67,14 +59,20 @@ impl Tracker {
 
     /// Completes when no connection is open.
     pub(crate) async fn all_closed(&self) {
-        while self.open() > 0 {
-            // Listen first, then check again: a close between the check and the listen is not missed.
-            let listener = self.closed.listen();
-            if self.open() == 0 {
-                break;
-            }
-            listener.await;
+        until(&self.closed, || self.open() == 0).await;
+    }
+}
+
+/// Completes once `done()` holds, re-checking it each time `event` is notified.
+async fn until(event: &Event, done: impl Fn() -> bool) {
+    while !done() {
+        // Listen first, then check again: a notification between the check and the listen is
+        // not missed.
+        let listener = event.listen();
+        if done() {
+            break;
         }
+        listener.await;
     }
 }
 
