@@ -242,15 +242,19 @@ fn second_signal_during_the_drain_exits_at_once() {
     );
 }
 
-#[test]
-fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
-    // A long shutdown timeout: stop must return because the connection ended, not because the
-    // timeout ran out.
-    let server = start_echo_with(
+/// An echo server whose shutdown timeout (30 s) outlasts any test: a stop that returns in time
+/// did so because its connections ended or it was asked to hurry, not because the timeout ran out.
+fn start_echo_with_long_drain() -> Server {
+    start_echo_with(
         Server::builder()
             .threads(2)
             .shutdown_timeout(Duration::from_secs(30)),
-    );
+    )
+}
+
+#[test]
+fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
+    let server = start_echo_with_long_drain();
     let addr = server.local_addr();
     let mut client = connect(addr);
     let data = payload(64 * KIB);
@@ -286,11 +290,7 @@ fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
 /// A server with a long shutdown timeout, waiting in [`Server::wait`] on another thread, and a
 /// client it has served; the receiver hears when `wait` returns.
 fn waiting_server_with_a_client() -> (SocketAddr, StopHandle, mpsc::Receiver<()>, TcpStream) {
-    let server = start_echo_with(
-        Server::builder()
-            .threads(2)
-            .shutdown_timeout(Duration::from_secs(30)),
-    );
+    let server = start_echo_with_long_drain();
     let (addr, handle) = (server.local_addr(), server.stop_handle());
     let (done, returned) = mpsc::channel();
     thread::spawn(move || {
@@ -338,11 +338,7 @@ fn second_stop_request_closes_open_connections_at_once() {
 
 #[test]
 fn one_stop_request_during_stop_closes_open_connections_at_once() {
-    let server = start_echo_with(
-        Server::builder()
-            .threads(2)
-            .shutdown_timeout(Duration::from_secs(30)),
-    );
+    let server = start_echo_with_long_drain();
     let (addr, handle) = (server.local_addr(), server.stop_handle());
     let mut client = connect(addr);
     round_trip(&mut client, b"served while running");
