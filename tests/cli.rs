@@ -12,13 +12,7 @@ use common::{connect, eventually, round_trip, run_echo, worker_thread_names, Ech
 /// stdout, and one line on stderr that starts with `prefix` (no panic, no backtrace); returns
 /// that line.
 fn assert_one_line_failure(args: &[&str], prefix: &str) -> String {
-    let (code, stdout, stderr) = run_echo(args);
-    assert_eq!(
-        code,
-        Some(1),
-        "exit code of echo {args:?}; stderr: {stderr}"
-    );
-    assert_eq!(stdout, "", "stdout of echo {args:?}");
+    let stderr = stderr_of_failing_echo(args, 1);
     assert_eq!(
         stderr.lines().count(),
         1,
@@ -30,6 +24,19 @@ fn assert_one_line_failure(args: &[&str], prefix: &str) -> String {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!stderr.contains("backtrace"), "{stderr}");
+    stderr
+}
+
+/// Runs `echo` with `args`, asserts that it exited with `code` and printed nothing on stdout,
+/// and returns its stderr.
+fn stderr_of_failing_echo(args: &[&str], code: i32) -> String {
+    let (exit, stdout, stderr) = run_echo(args);
+    assert_eq!(
+        exit,
+        Some(code),
+        "exit code of echo {args:?}; stderr: {stderr}"
+    );
+    assert_eq!(stdout, "", "stdout of echo {args:?}");
     stderr
 }
 
@@ -102,13 +109,7 @@ fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
         (&["--no-such-flag"], "--no-such-flag"),
     ];
     for (args, named) in cases {
-        let (code, stdout, stderr) = run_echo(args);
-        assert_eq!(
-            code,
-            Some(2),
-            "exit code of echo {args:?}; stderr: {stderr}"
-        );
-        assert_eq!(stdout, "", "stdout of echo {args:?}");
+        let stderr = stderr_of_failing_echo(args, 2);
         assert!(
             stderr.contains(named),
             "stderr of echo {args:?} does not name {named}: {stderr}"
