@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::{log_panic, Connection};
 use crate::idle::{IdleSweeper, IdleWatch};
-use crate::shutdown::{StopRequests, Tracker};
+use crate::shutdown::{Lifecycle, Tracker};
 
 /// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
 /// one call, with the [`Builder`]'s defaults.
@@ -135,12 +135,13 @@ impl Builder {
     }
 
     /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`] says yes), each
-    /// counting as one [`StopHandle::stop`]. The handlers are in place when `start` returns, so
+    /// counting as one [`StopHandle::stop`]. SIGHUP, which closing a terminal sends, is then
+    /// logged and the server keeps serving. The handlers are in place when `start` returns, so
     /// a script that waits for the server's address can signal it at once. See
     /// [`Server::wait`].
     ///
     /// The handlers come from signal-hook, which cannot give a signal its default action back:
-    /// once the server has stopped, the process ignores SIGINT and SIGTERM. Use it in a program
+    /// once the server has stopped, the process ignores SIGINT, SIGTERM and SIGHUP. Use it in a program
     /// that ends when its server does, as the `echo` binary.
     pub fn stop_on_signals(mut self, yes: bool) -> Self {
         self.stop_on_signals = yes;
@@ -199,6 +200,7 @@ impl Builder {
             executor.spawn(Arc::clone(idle).run()).detach();
         }
         let (release_workers, released) = channel::bounded::<()>(1);
+        let lifecycle = Arc::new(Lifecycle::default());
         let accept = executor.spawn(accept_loop(
             listener,
             Arc::clone(&executor),
@@ -207,47 +209,68 @@ impl Builder {
             idle,
             self.max_connections,
         ));
-        let mut server = Server {
+        let server = Server {
             local_addr,
             threads: self.threads,
-            requests: Arc::default(),
+            lifecycle: Arc::clone(&lifecycle),
             tracker: Arc::clone(&tracker),
-            running: Some(Running {
-                accept,
-                tracker,
-                shutdown_timeout: self.shutdown_timeout,
-                release_workers,
-                workers: Vec::with_capacity(self.threads),
-                executor: Arc::clone(&executor),
-            }),
+        };
+        let mut running = Running {
+            accept,
+            tracker,
+            shutdown_timeout: self.shutdown_timeout,
+            release_workers,
+            workers: Vec::with_capacity(self.threads),
+            executor: Arc::clone(&executor),
         };
         for n in 0..self.threads {
             // Linux keeps 15 bytes of a thread name: `taskserve-worker-N` would lose its number.
             let name = format!("taskserve-w{n}");
             let executor = Arc::clone(&executor);
             let released = released.clone();
+            let lifecycle = Arc::clone(&lifecycle);
             let worker = thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || run_worker(&executor, released))
-                .map_err(|e| io::Error::new(e.kind(), format!("failed to start {name}: {e}")))?;
-            // On an early return, dropping `server` stops the workers started so far.
-            server
-                .running
-                .as_mut()
-                .expect("just built")
-                .workers
-                .push(worker);
+                .spawn(move || run_worker(&executor, &lifecycle, released));
+            match worker {
+                Ok(worker) => running.workers.push(worker),
+                Err(e) => {
+                    // Stops the workers started so far, and returns once they have ended.
+                    running.finish(future::ready(()));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("failed to start {name}: {e}"),
+                    ));
+                }
+            }
         }
         if self.stop_on_signals {
             // Last, once nothing else can fail: signal-hook cannot give a signal its default
             // action back, so a failed start must not leave the process deaf to Ctrl-C.
-            let signals = Signals::new([Signal::Int, Signal::Term]).map_err(|e| {
-                io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
-            })?;
-            let requests = Arc::clone(&server.requests);
-            executor.spawn(forward_signals(signals, requests)).detach();
+            let signals = match Signals::new([Signal::Int, Signal::Term, Signal::Hup]) {
+                Ok(signals) => signals,
+                Err(e) => {
+                    running.finish(future::ready(()));
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("failed to install signal handlers: {e}"),
+                    ));
+                }
+            };
+            executor
+                .spawn(forward_signals(signals, Arc::clone(&lifecycle)))
+                .detach();
         }
-        info!("listening on {local_addr} ({} threads)", self.threads);
+        lifecycle.set_stop(Box::new(move |lifecycle| {
+            info!("stopping");
+            running.finish(lifecycle.hurried());
+        }));
+        // At debug: the caller has the address from `local_addr` and says it where its users
+        // look (`echo` prints it on stdout); `serve`, whose caller cannot, logs it at info.
+        debug!(
+            "listening on {local_addr} ({})",
+            count(self.threads, "thread")
+        );
         Ok(server)
     }
 
@@ -263,7 +286,13 @@ impl Builder {
         H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
-        self.stop_on_signals(true).start(addr, handler)?.wait();
+        let server = self.stop_on_signals(true).start(addr, handler)?;
+        info!(
+            "listening on {} ({})",
+            server.local_addr(),
+            count(server.threads(), "thread")
+        );
+        server.wait();
         Ok(())
     }
 }
@@ -272,18 +301,18 @@ fn invalid_input(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
-/// A running server: it tells where it listens and stops it. Dropping it closes every
-/// connection at once; [`Server::stop`] and [`Server::wait`] let them finish first.
+/// A running server: it tells where it listens and how many clients it serves, and stops.
+/// Dropping it closes every connection at once; [`Server::stop`] lets them finish first.
+///
+/// It is `Sync`: one thread can block in [`Server::wait`] while others read
+/// [`Server::connections`] through a shared reference.
 pub struct Server {
     local_addr: SocketAddr,
     threads: usize,
-    /// Made by a [`StopHandle`] or a signal: the first asks [`Server::wait`] to stop, the next
-    /// to hurry.
-    requests: Arc<StopRequests>,
+    /// Stop requests, the stop itself, and its end.
+    lifecycle: Arc<Lifecycle>,
     /// Open connections.
     tracker: Arc<Tracker>,
-    /// What a stop takes apart; `None` once stopped.
-    running: Option<Running>,
 }
 
 /// The parts of a server that a stop takes apart, in this order.
@@ -330,57 +359,50 @@ impl Server {
         self.tracker.open()
     }
 
-    /// A handle that asks this server to stop from another thread, or from one of its own
-    /// tasks, for a server blocked in [`Server::wait`].
+    /// A handle that stops this server from anywhere: another thread, a signal handler of the
+    /// program's own, or one of the server's tasks.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(Arc::clone(&self.requests))
+        StopHandle(Arc::clone(&self.lifecycle))
     }
 
-    /// Stops gracefully: stops accepting (the port is free when this returns), waits up to the
-    /// shutdown timeout for open connections to end, closes the rest, and stops the threads. A
-    /// stop request made meanwhile (a [`StopHandle`], or a signal with
-    /// [`Builder::stop_on_signals`]) closes them at once.
+    /// Stops gracefully and returns once stopped: stops accepting (the port is free at once),
+    /// waits up to the shutdown timeout for open connections to end, closes the rest, and stops
+    /// the threads. If a stop was already asked for, it waits for that one. A further request
+    /// made meanwhile (a [`StopHandle`], or a signal with [`Builder::stop_on_signals`]) closes
+    /// open connections at once.
     ///
     /// Called from one of the server's own tasks, which cannot wait for itself, it returns at
-    /// once and the stop goes on in a thread of its own.
-    pub fn stop(mut self) {
-        let requests = Arc::clone(&self.requests);
-        let before = requests.count();
-        self.shutdown(async move { requests.reached(before + 1).await });
-    }
-
-    /// Serves until a stop is asked for, by a [`StopHandle`] or, with
-    /// [`Builder::stop_on_signals`], by SIGINT or SIGTERM; then stops as [`Server::stop`] does. A
-    /// second request or signal cuts the wait for open connections short and closes them at
-    /// once. Not for one of the server's own tasks: it would block a worker thread.
-    pub fn wait(mut self) {
-        let requests = Arc::clone(&self.requests);
-        future::block_on(requests.reached(1));
-        info!("stopping");
-        self.shutdown(async move {
-            requests.reached(2).await;
-            info!("asked again: closing connections now");
-        });
-    }
-
-    /// Takes the server apart (see [`Running::finish`]), on this thread unless it is one of the
-    /// server's workers, which can neither wait for its own task nor join itself.
-    fn shutdown(&mut self, hurry: impl Future<Output = ()> + Send + 'static) {
-        let Some(running) = self.running.take() else {
-            return;
-        };
-        let me = thread::current().id();
-        if !running.workers.iter().any(|w| w.thread().id() == me) {
-            running.finish(hurry);
-            return;
+    /// once and the stop goes on.
+    pub fn stop(&self) {
+        if self.lifecycle.requests() == 0 {
+            self.lifecycle.request();
         }
-        let stopping = thread::Builder::new()
-            .name("taskserve-stop".into())
-            .spawn(move || running.finish(hurry));
-        if let Err(e) = stopping {
-            // `running` was dropped with the closure: the workers end when the sender drops,
-            // and the last of them drops the executor.
-            error!("cannot start a thread to stop the server ({e}); stopping without a drain");
+        self.wait();
+    }
+
+    /// Serves until the server has stopped: until a [`StopHandle`] (or, with
+    /// [`Builder::stop_on_signals`], SIGINT or SIGTERM) asked it to, and the stop has finished
+    /// as [`Server::stop`] describes. A second request cuts the wait for open connections short
+    /// and closes them at once.
+    ///
+    /// Called from one of the server's own tasks, it returns at once rather than wait for
+    /// itself.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let server = taskserve::Server::builder().start("127.0.0.1:0", taskserve::echo)?;
+    /// let handle = server.stop_handle();
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| server.wait());
+    ///     println!("{} clients", server.connections()); // readable while another thread waits
+    ///     handle.stop();
+    /// });
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn wait(&self) {
+        if !on_worker_of(&self.lifecycle) {
+            future::block_on(self.lifecycle.stopped());
         }
     }
 }
@@ -395,8 +417,9 @@ impl Running {
         let open = self.tracker.open();
         if open > 0 {
             info!(
-                "stopped accepting; waiting up to {:?} for {open} open connections",
-                self.shutdown_timeout
+                "stopped accepting; waiting up to {:?} for {} to end",
+                self.shutdown_timeout,
+                count(open, "open connection")
             );
             let timeout = self.shutdown_timeout;
             future::block_on(
@@ -405,12 +428,15 @@ impl Running {
                     .or(async {
                         Timer::after(timeout).await;
                     })
-                    .or(hurry),
+                    .or(async {
+                        hurry.await;
+                        info!("asked again: closing connections now");
+                    }),
             );
         }
         let left = self.tracker.open();
         if left > 0 {
-            info!("closing {left} connections still open");
+            info!("closing {} still open", count(left, "connection"));
         }
         drop(self.release_workers);
         for worker in self.workers {
@@ -427,29 +453,38 @@ impl Running {
 }
 
 impl Drop for Server {
+    /// Closes every connection at once: a stop asked for twice does not wait for them.
     fn drop(&mut self) {
-        self.shutdown(future::ready(()));
+        while self.lifecycle.requests() < 2 {
+            self.lifecycle.request();
+        }
+        self.wait();
     }
 }
 
-/// Turns SIGINT and SIGTERM into stop requests, for as long as the server runs. Spawned on the
+/// Turns SIGINT and SIGTERM into stop requests, and logs SIGHUP, for as long as the server runs. Spawned on the
 /// server's executor, so that signals count during a stop's drain too.
-async fn forward_signals(mut signals: Signals, requests: Arc<StopRequests>) {
+async fn forward_signals(mut signals: Signals, lifecycle: Arc<Lifecycle>) {
     while let Some(signal) = signals.next().await {
         match signal {
             Ok(Signal::Int) => info!("received SIGINT"),
             Ok(Signal::Term) => info!("received SIGTERM"),
+            Ok(Signal::Hup) => {
+                // What closing a terminal sends: the default action would kill the server.
+                info!("received SIGHUP: nothing to reload; still serving");
+                continue;
+            }
             Ok(other) => info!("received {other:?}"),
             Err(e) => {
                 warn!("cannot read signals: {e}");
                 return;
             }
         }
-        requests.request();
+        lifecycle.request();
     }
 }
 
-/// Asks a [`Server`] to stop, from any thread; it is cheap to clone.
+/// Stops a [`Server`] from anywhere, and tells when a stop has begun; it is cheap to clone.
 ///
 /// # Examples
 ///
@@ -457,17 +492,31 @@ async fn forward_signals(mut signals: Signals, requests: Arc<StopRequests>) {
 /// let server = taskserve::Server::builder().start("127.0.0.1:0", taskserve::echo)?;
 /// let handle = server.stop_handle();
 /// std::thread::spawn(move || handle.stop());
-/// server.wait(); // returns once the handle has asked
+/// server.wait(); // returns once the handle has asked and the server has stopped
 /// # std::io::Result::Ok(())
 /// ```
 #[derive(Debug, Clone)]
-pub struct StopHandle(Arc<StopRequests>);
+pub struct StopHandle(Arc<Lifecycle>);
 
 impl StopHandle {
-    /// Asks the server to stop gracefully; asking again (or a signal, with
+    /// Asks the server to stop gracefully, and returns at once: the server stops accepting,
+    /// lets open connections finish for up to the shutdown timeout and closes the rest, whether
+    /// or not anyone waits for it. Asking again (or a signal, with
     /// [`Builder::stop_on_signals`]) closes open connections at once.
     pub fn stop(&self) {
         self.0.request();
+    }
+
+    /// Whether a stop has been asked for.
+    pub fn is_stopping(&self) -> bool {
+        self.0.requests() > 0
+    }
+
+    /// Completes once a stop has been asked for (at once if it has been): a handler can race
+    /// its reads against it to finish what it is doing, say goodbye and close before the
+    /// shutdown timeout closes the connection for it.
+    pub async fn stopping(&self) {
+        self.0.stop_requested().await;
     }
 }
 
@@ -476,9 +525,33 @@ impl StopHandle {
 /// `smol::block_on` (async-io's) lets an idle worker wait on the reactor itself, instead of every
 /// I/O event hopping through async-io's helper thread. A panicking task does not unwind into
 /// here: async-executor keeps a task's panic in the task, and connection tasks log it first.
-fn run_worker(executor: &Executor<'static>, released: channel::Receiver<()>) {
+fn run_worker(
+    executor: &Executor<'static>,
+    lifecycle: &Arc<Lifecycle>,
+    released: channel::Receiver<()>,
+) {
+    WORKER_OF.set(Arc::as_ptr(lifecycle) as usize);
     // `recv` fails once the server drops the sender: that is the signal to return.
     let _ = smol::block_on(executor.run(released.recv()));
+}
+
+thread_local! {
+    /// On a worker thread, the address of its server's [`Lifecycle`]: a worker must not wait for
+    /// its own server to stop, since the stop joins it.
+    static WORKER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn on_worker_of(lifecycle: &Arc<Lifecycle>) -> bool {
+    WORKER_OF.get() == Arc::as_ptr(lifecycle) as usize
+}
+
+/// `1 thread`, `2 threads`: a count and its noun.
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// Binds the first address of `addr` that can be bound, with the given listen backlog.
@@ -529,16 +602,35 @@ async fn accept_loop<H, F>(
     let mut refusals = RateLimit::default();
     let mut failures = RateLimit::default();
     loop {
-        let (stream, peer) = match listener.read_with(|l| l.accept()).await {
-            Ok(accepted) => accepted,
+        let accept = listener.read_with(|l| l.accept());
+        let accepted = match refusals.held_back_until() {
+            None => accept.await,
+            // A burst of refusals ended a second ago: say how many went unlogged.
+            Some(at) => match async { Some(accept.await) }.or(timer_at(at)).await {
+                Some(accepted) => accepted,
+                None => {
+                    let held_back = refusals.take_held_back();
+                    let clients = if held_back == 1 { "client" } else { "clients" };
+                    warn!(
+                        "refused {held_back} more {clients} at the connection limit ({max_connections} open)"
+                    );
+                    continue;
+                }
+            },
+        };
+        let (stream, peer) = match accepted {
+            Ok((stream, peer)) => (stream, canonical(peer)),
             Err(e) if concerns_one_client(&e) => {
                 debug!("accept: {e}");
                 continue;
             }
             Err(e) => {
                 let delay = backoff.next();
-                if let Some(skipped) = failures.allow() {
-                    error!("accept failed: {e}; retrying in {delay:?} ({skipped} more failures not logged)");
+                if let Some(held_back) = failures.allow() {
+                    error!(
+                        "accept failed: {e}; retrying in {delay:?}{}",
+                        unlogged(held_back)
+                    );
                 }
                 async {
                     Timer::after(delay).await;
@@ -549,13 +641,20 @@ async fn accept_loop<H, F>(
             }
         };
         backoff = Backoff::default();
+        let held_back = failures.take_held_back();
+        if held_back > 0 {
+            error!(
+                "accept works again after {} not logged",
+                count(held_back as usize, "more failure")
+            );
+        }
         let Some(slot) = tracker.try_open(max_connections) else {
             // Accept and close, rather than leave clients hanging in the backlog.
             drop(stream);
-            if let Some(skipped) = refusals.allow() {
+            if let Some(held_back) = refusals.allow() {
                 warn!(
-                    "{} connections open (max_connections): refused {peer} ({skipped} more refused since the last warning)",
-                    max_connections
+                    "refused {peer}: at the connection limit ({max_connections} open){}",
+                    unlogged(held_back)
                 );
             }
             continue;
@@ -646,23 +745,64 @@ impl Backoff {
 #[derive(Debug, Default)]
 struct RateLimit {
     last: Option<Instant>,
-    skipped: u64,
+    held_back: u64,
 }
 
 impl RateLimit {
-    /// `Some(skipped since the last one)` when a line may be logged now.
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
     fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
-            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
-                self.skipped += 1;
+            Some(last) if now.duration_since(last) < Self::INTERVAL => {
+                self.held_back += 1;
                 None
             }
             _ => {
                 self.last = Some(now);
-                Some(std::mem::take(&mut self.skipped))
+                Some(self.take_held_back())
             }
         }
+    }
+
+    /// When lines were held back: the moment the next one could be logged, at which to report
+    /// them if no new line comes by then.
+    fn held_back_until(&self) -> Option<Instant> {
+        let last = self.last?;
+        (self.held_back > 0).then(|| last + Self::INTERVAL)
+    }
+
+    fn take_held_back(&mut self) -> u64 {
+        std::mem::take(&mut self.held_back)
+    }
+}
+
+/// ` (3 more not logged)` after a rate-limited line, or nothing when none were held back.
+fn unlogged(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(" ({held_back} more not logged)")
+    }
+}
+
+/// `None` at `at`, to race against another future.
+async fn timer_at<T>(at: Instant) -> Option<T> {
+    Timer::at(at).await;
+    None
+}
+
+/// A client's address as people write it: an IPv4 client of a dual-stack (`::`) listener
+/// arrives as an IPv4-mapped IPv6 address, `[::ffff:127.0.0.1]:46856`, and is shown (and handed
+/// to the handler) as `127.0.0.1:46856`.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }
 
@@ -681,9 +821,23 @@ mod tests {
     fn rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
         let mut limit = RateLimit::default();
         assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.held_back_until(), None);
         assert_eq!(limit.allow(), None);
         assert_eq!(limit.allow(), None);
+        assert_eq!(
+            limit.held_back_until(),
+            Some(limit.last.unwrap() + RateLimit::INTERVAL)
+        );
         limit.last = Some(Instant::now() - Duration::from_secs(2));
         assert_eq!(limit.allow(), Some(2));
+        assert_eq!(limit.held_back_until(), None);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_shown_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:46856".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "127.0.0.1:46856");
+        let v6: SocketAddr = "[::1]:7".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
     }
 }

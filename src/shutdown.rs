@@ -1,31 +1,104 @@
-//! The two facts a stopping server waits on: "a stop was asked for" and "no connection is open".
+//! The lifecycle of a stop: the requests that ask for one, the notice handlers can await, the
+//! stop itself on a thread of its own, and the count of open connections it waits on.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
 
 use event_listener::Event;
+use log::error;
 
-/// Stop requests, counted: the first asks a server to stop gracefully, any later one to hurry.
-/// A `StopHandle` and a signal count alike.
-#[derive(Debug, Default)]
-pub(crate) struct StopRequests {
-    count: AtomicUsize,
-    event: Event,
+/// How a server stops: made by `start`, shared by the server, its stop handles and its tasks.
+///
+/// The first request starts the stop on a thread of its own, so that a request made from
+/// anywhere (another thread, a signal, a handler on a worker thread) stops the server whether or
+/// not anyone waits for it; later requests ask that stop to hurry.
+#[derive(Default)]
+pub(crate) struct Lifecycle {
+    requests: AtomicUsize,
+    requested: Event,
+    stopped: AtomicBool,
+    stopped_event: Event,
+    /// What the first request runs; set once the server is running.
+    stop: Mutex<Option<StopFn>>,
 }
 
-impl StopRequests {
-    pub(crate) fn request(&self) {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.event.notify(usize::MAX);
+/// Takes a running server apart. It may wait for [`Lifecycle::hurried`] to cut its drain short.
+pub(crate) type StopFn = Box<dyn FnOnce(&Lifecycle) + Send>;
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("requests", &self.requests())
+            .field("stopped", &self.is_stopped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lifecycle {
+    /// Sets what the first stop request runs; runs it at once if a request came first.
+    pub(crate) fn set_stop(self: &Arc<Self>, stop: StopFn) {
+        let mut slot = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(stop);
+        if self.requests() > 0 {
+            self.begin_stop(&mut slot);
+        }
     }
 
-    pub(crate) fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
+    /// Asks for a stop: the first request begins it, any later one asks it to hurry.
+    pub(crate) fn request(self: &Arc<Self>) {
+        // Under the lock, so that `set_stop` sees either this request or none.
+        let mut slot = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.requested.notify(usize::MAX);
+        self.begin_stop(&mut slot);
     }
 
-    /// Completes once `n` requests have been made, counting those made before the call.
-    pub(crate) async fn reached(&self, n: usize) {
-        until(&self.event, || self.count() >= n).await;
+    fn begin_stop(self: &Arc<Self>, slot: &mut Option<StopFn>) {
+        let Some(stop) = slot.take() else {
+            return;
+        };
+        let lifecycle = Arc::clone(self);
+        let stopping = thread::Builder::new()
+            .name("taskserve-stop".into())
+            .spawn(move || {
+                stop(&lifecycle);
+                lifecycle.set_stopped();
+            });
+        if let Err(e) = stopping {
+            // The closure was dropped with the failed spawn, and with it the server's parts:
+            // the workers end when their channel closes, and the executor with the last one.
+            error!("cannot start a thread to stop the server ({e}); stopping without a drain");
+            self.set_stopped();
+        }
+    }
+
+    fn set_stopped(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.stopped_event.notify(usize::MAX);
+    }
+
+    pub(crate) fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Completes once a stop has been asked for.
+    pub(crate) async fn stop_requested(&self) {
+        until(&self.requested, || self.requests() >= 1).await;
+    }
+
+    /// Completes once a stop has been asked for twice: the drain should end now.
+    pub(crate) async fn hurried(&self) {
+        until(&self.requested, || self.requests() >= 2).await;
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Completes once the stop has finished: the threads are joined and every connection closed.
+    pub(crate) async fn stopped(&self) {
+        until(&self.stopped_event, || self.is_stopped()).await;
     }
 }
 
@@ -119,11 +192,16 @@ mod tests {
     }
 
     #[test]
-    fn reached_counts_requests_made_before_the_wait() {
-        let requests = StopRequests::default();
-        requests.request();
-        requests.request();
-        future::block_on(requests.reached(2));
-        assert_eq!(requests.count(), 2);
+    fn a_request_made_before_the_stop_is_set_runs_it_once_it_is() {
+        let lifecycle = Arc::new(Lifecycle::default());
+        lifecycle.request();
+        lifecycle.request();
+        future::block_on(lifecycle.hurried());
+        let (ran, runs) = std::sync::mpsc::channel();
+        lifecycle.set_stop(Box::new(move |_| ran.send(()).unwrap()));
+        future::block_on(lifecycle.stopped());
+        assert_eq!(runs.try_iter().count(), 1);
+        lifecycle.request();
+        assert!(runs.try_recv().is_err(), "the stop ran twice");
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -416,4 +416,63 @@ fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
     // fix this aborted the whole test process.
     server.stop();
     assert_eq!(client.read(&mut [0; 1]).unwrap_or(0), 0, "EOF or reset");
+}
+
+#[test]
+fn stop_handle_stops_the_server_when_nobody_waits() {
+    let server = start_echo_with_long_drain();
+    let addr = server.local_addr();
+    let mut client = connect(addr);
+    round_trip(&mut client, b"served while running");
+    server.stop_handle().stop();
+    // Nobody calls wait(): the stop goes on all the same.
+    assert!(eventually(|| refuses_connections(addr)), "still accepting");
+    round_trip(&mut client, b"served while draining");
+    drop(client);
+    assert!(
+        eventually(|| server.connections() == 0),
+        "the client's close was not seen"
+    );
+    assert!(
+        eventually(|| TcpListener::bind(addr).is_ok()),
+        "the port was not released"
+    );
+}
+
+#[test]
+fn connections_can_be_read_while_another_thread_waits() {
+    let server = start_echo_with_long_drain();
+    let handle = server.stop_handle();
+    let mut client = connect(server.local_addr());
+    round_trip(&mut client, b"hello");
+    thread::scope(|s| {
+        let waiting = s.spawn(|| server.wait());
+        assert_eq!(server.connections(), 1);
+        handle.stop();
+        assert!(eventually(|| refuses_connections(server.local_addr())));
+        assert!(!waiting.is_finished(), "wait returned with a connection open");
+        drop(client);
+        waiting.join().unwrap();
+    });
+    assert_eq!(server.connections(), 0);
+}
+
+#[test]
+fn sighup_is_logged_and_the_server_keeps_serving() {
+    let mut server = EchoProcess::start(&["--threads", "1"]);
+    let stderr = server.stderr();
+    let mut client = connect(server.addr);
+    round_trip(&mut client, b"before");
+    server.signal("HUP");
+    let mut lines = BufReader::new(stderr).lines();
+    let logged = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|line| line.contains("SIGHUP"));
+    assert!(logged.is_some_and(|line| line.contains("still serving")));
+    round_trip(&mut client, b"after");
+    assert!(server.child.try_wait().unwrap().is_none(), "echo exited");
+    server.signal("TERM");
+    drop(client);
+    assert_eq!(server.wait_exit(), Some(0));
 }
