@@ -3,11 +3,12 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use smol::io::AsyncWriteExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{future, Async};
+
+use crate::connection::{Connection, Stream};
 
 /// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
 ///
@@ -39,6 +40,9 @@ thread_local! {
 /// next read, so a client that does not read its replies stops being read from: the server
 /// holds at most one chunk for it, never a growing backlog.
 ///
+/// Over plain TCP it reads into its worker thread's buffer with raw system calls, so an idle
+/// client costs no buffer; over TLS or a Unix socket each connection reads into its own.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -50,13 +54,56 @@ thread_local! {
 /// # Errors
 ///
 /// Returns the socket's error, for example when the client resets the connection.
-pub fn echo(
-    stream: async_net::TcpStream,
-    _peer: SocketAddr,
-) -> impl Future<Output = io::Result<()>> + Send + 'static {
+pub fn echo(connection: Connection) -> impl Future<Output = io::Result<()>> + Send + 'static {
     // Unwrapped before the future is made: a future keeps its arguments for its whole life, and
-    // the 8-byte `Arc` is a seventh of the size of an `async_net::TcpStream`.
-    echo_on(stream.into())
+    // the 8-byte `Arc` is a small part of the size of a `Connection`. The other transports'
+    // future is boxed, so that it adds nothing to the size of a plain TCP connection's task.
+    match connection.into_stream() {
+        Stream::Tcp(tcp) => Either::Left {
+            future: echo_on(tcp.into()),
+        },
+        #[allow(unreachable_patterns)] // with neither Unix sockets nor TLS, TCP is all there is
+        other => Either::Right {
+            future: Box::pin(echo_buffered(other)),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One of two futures with the same output.
+    #[project = EitherProj]
+    enum Either<L, R> {
+        Left { #[pin] future: L },
+        Right { #[pin] future: R },
+    }
+}
+
+impl<T, L: Future<Output = T>, R: Future<Output = T>> Future for Either<L, R> {
+    type Output = T;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        match self.project() {
+            EitherProj::Left { future } => future.poll(cx),
+            EitherProj::Right { future } => future.poll(cx),
+        }
+    }
+}
+
+/// The same protocol over any stream (TLS, a Unix socket), with a buffer of its own.
+async fn echo_buffered(mut stream: Stream) -> io::Result<()> {
+    let mut reply = vec![0; PREFIX.len() + READ_SIZE];
+    reply[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut budget = Budget::default();
+    loop {
+        let read = stream.read(&mut reply[PREFIX.len()..]).await?;
+        if read == 0 {
+            // Ends the TLS session cleanly (close_notify) before the socket closes.
+            return stream.close().await;
+        }
+        stream.write_all(&reply[..PREFIX.len() + read]).await?;
+        stream.flush().await?;
+        budget.spend().await;
+    }
 }
 
 async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {

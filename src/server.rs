@@ -1,31 +1,35 @@
-//! Everything between an address and a task per client: the builder, binding, the worker
-//! threads that share one executor, the accept loop, and the running server's handle.
+//! Everything between addresses and a task per client: the builder, binding, the worker
+//! threads that share one executor, and the running server's handle.
 
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::panic::{self, AssertUnwindSafe};
+use std::net::{SocketAddr, ToSocketAddrs};
+#[cfg(unix)]
+use std::path::Path;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_executor::{Executor, Task};
 use async_signal::{Signal, Signals};
 use log::{debug, error, info, warn};
 use smol::future::{self, FutureExt};
 use smol::stream::StreamExt;
-use smol::{channel, Async, Timer};
-use socket2::{Domain, Protocol, Socket, Type};
+use smol::{channel, Timer};
 
-use crate::conn::{log_panic, Connection};
-use crate::idle::{IdleSweeper, IdleWatch};
+use crate::accept::{accept_loop, Shared};
+use crate::connection::{Addr, Connection, Transport};
+use crate::idle::IdleSweeper;
+use crate::listener::Endpoint;
 use crate::shutdown::{Lifecycle, Tracker};
+#[cfg(feature = "tls")]
+use crate::tls::TlsConfig;
 
 /// Serves `handler` on `addr` until SIGINT or SIGTERM, then stops gracefully: the whole server in
 /// one call, with the [`Builder`]'s defaults.
 ///
-/// Each client connection runs `handler(stream, peer)` as its own task on one executor shared by
+/// Each client connection runs `handler(connection)` as its own task on one executor shared by
 /// one worker thread per CPU. A handler's error is logged with the peer address and ends that
 /// connection only; so does a panic.
 ///
@@ -43,7 +47,7 @@ use crate::shutdown::{Lifecycle, Tracker};
 pub fn serve<A, H, F>(addr: A, handler: H) -> io::Result<()>
 where
     A: ToSocketAddrs,
-    H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+    H: Fn(Connection) -> F + Send + Sync + 'static,
     F: Future<Output = io::Result<()>> + Send + 'static,
 {
     Builder::new().serve(addr, handler)
@@ -73,6 +77,10 @@ pub struct Builder {
     shutdown_timeout: Duration,
     backlog: u32,
     stop_on_signals: bool,
+    /// Listeners besides the one `start` is given, in the order added.
+    endpoints: Vec<Endpoint>,
+    #[cfg(feature = "tls")]
+    tls_handshake_timeout: Duration,
 }
 
 impl Default for Builder {
@@ -84,6 +92,9 @@ impl Default for Builder {
             shutdown_timeout: Duration::from_secs(10),
             backlog: 4096,
             stop_on_signals: false,
+            endpoints: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -148,6 +159,48 @@ impl Builder {
         self
     }
 
+    /// Also listens for plain TCP on `addr` (the first of its addresses that binds). The
+    /// address is resolved now; an error comes back from `start`.
+    pub fn listen_tcp(mut self, addr: impl ToSocketAddrs) -> Self {
+        self.endpoints.push(Endpoint::tcp(addr));
+        self
+    }
+
+    /// Also listens for TLS on `addr`: each client's handshake runs in its own task, within
+    /// [`Builder::tls_handshake_timeout`], and the handler gets the decrypted stream.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let tls = taskserve::TlsConfig::from_pem_files("cert.pem", "key.pem")?;
+    /// let server = taskserve::Server::builder()
+    ///     .listen_tls("127.0.0.1:25443", tls)
+    ///     .start("127.0.0.1:25000", taskserve::echo)?; // plain TCP too
+    /// # std::io::Result::Ok(())
+    /// ```
+    #[cfg(feature = "tls")]
+    pub fn listen_tls(mut self, addr: impl ToSocketAddrs, tls: TlsConfig) -> Self {
+        self.endpoints.push(Endpoint::tls(addr, tls));
+        self
+    }
+
+    /// Also listens on a Unix domain socket at `path`. A socket file left by a server that
+    /// crashed is replaced, but only when nothing answers on it: a live one is an "address in
+    /// use" error. The file is removed when the server stops.
+    #[cfg(unix)]
+    pub fn listen_unix(mut self, path: impl AsRef<Path>) -> Self {
+        self.endpoints.push(Endpoint::unix(path));
+        self
+    }
+
+    /// How long a TLS client may take over its handshake before it is closed (default 10 s).
+    /// A client that sends nothing, half a handshake or plaintext delays no one else meanwhile.
+    #[cfg(feature = "tls")]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.tls_handshake_timeout = timeout;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -169,14 +222,49 @@ impl Builder {
     /// # Errors
     ///
     /// Fails with [`io::ErrorKind::InvalidInput`] for zero threads, zero connections or a zero
-    /// idle timeout, with the cause (in use, not available...) when no address of `addr` can be
-    /// bound, and when a worker thread cannot be started.
-    pub fn start<A, H, F>(self, addr: A, handler: H) -> io::Result<Server>
+    /// idle timeout, with the cause (in use, not available...) when no address of `addr` (or
+    /// of a listener added to the builder) can be bound, and when a worker thread cannot be
+    /// started.
+    pub fn start<A, H, F>(mut self, addr: A, handler: H) -> io::Result<Server>
     where
         A: ToSocketAddrs,
-        H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+        H: Fn(Connection) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
+        self.endpoints.insert(0, Endpoint::tcp(addr));
+        self.start_listeners(handler)
+    }
+
+    /// Starts serving `handler` on the listeners added to the builder
+    /// ([`Builder::listen_tcp`], [`Builder::listen_unix`]...), for a server with no plain TCP
+    /// listener of its own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(unix)] {
+    /// let path = std::env::temp_dir().join(format!("taskserve-doc-{}.sock", std::process::id()));
+    /// let server = taskserve::Server::builder()
+    ///     .listen_unix(&path)
+    ///     .start_listeners(taskserve::echo)?;
+    /// println!("listening on {}", server.local_addrs()[0].0);
+    /// server.stop(); // removes the socket file
+    /// assert!(!path.exists());
+    /// # }
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::start`]; also [`io::ErrorKind::InvalidInput`] when no listener was added.
+    pub fn start_listeners<H, F>(self, handler: H) -> io::Result<Server>
+    where
+        H: Fn(Connection) -> F + Send + Sync + 'static,
+        F: Future<Output = io::Result<()>> + Send + 'static,
+    {
+        if self.endpoints.is_empty() {
+            return Err(invalid_input("no listener to start"));
+        }
         if self.threads == 0 {
             return Err(invalid_input("threads must be at least 1"));
         }
@@ -188,9 +276,18 @@ impl Builder {
                 "idle_timeout must be more than zero (None never times out)",
             ));
         }
-        let listener = bind(addr, self.backlog)?;
-        let local_addr = listener.local_addr()?;
-        let listener = Async::new(listener)?;
+        // All bound before anything starts: one that fails leaves nothing behind.
+        let listeners = self
+            .endpoints
+            .iter()
+            .map(|endpoint| endpoint.bind(self.backlog))
+            .collect::<io::Result<Vec<_>>>()?;
+        let local_addrs: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.local_addr().clone(), l.transport()))
+            .collect();
+        #[cfg(feature = "tls")]
+        let tls: Vec<TlsConfig> = listeners.iter().filter_map(|l| l.tls().cloned()).collect();
 
         let executor = Arc::new(Executor::new());
         let tracker = Arc::new(Tracker::default());
@@ -201,19 +298,27 @@ impl Builder {
         }
         let (release_workers, released) = channel::bounded::<()>(1);
         let lifecycle = Arc::new(Lifecycle::default());
-        let accept = executor.spawn(accept_loop(
-            listener,
-            Arc::clone(&executor),
+        let shared = Arc::new(Shared {
             handler,
-            Arc::clone(&tracker),
+            executor: Arc::clone(&executor),
+            tracker: Arc::clone(&tracker),
             idle,
-            self.max_connections,
-        ));
+            max_connections: self.max_connections,
+            stop: StopHandle(Arc::clone(&lifecycle)),
+            #[cfg(feature = "tls")]
+            handshake_timeout: self.tls_handshake_timeout,
+        });
+        let accept = listeners
+            .into_iter()
+            .map(|listener| executor.spawn(accept_loop(listener, Arc::clone(&shared))))
+            .collect();
         let server = Server {
-            local_addr,
+            local_addrs,
             threads: self.threads,
             lifecycle: Arc::clone(&lifecycle),
             tracker: Arc::clone(&tracker),
+            #[cfg(feature = "tls")]
+            tls: tls.clone(),
         };
         let mut running = Running {
             accept,
@@ -257,8 +362,12 @@ impl Builder {
                     ));
                 }
             };
+            let reload = Reload {
+                #[cfg(feature = "tls")]
+                tls,
+            };
             executor
-                .spawn(forward_signals(signals, Arc::clone(&lifecycle)))
+                .spawn(forward_signals(signals, Arc::clone(&lifecycle), reload))
                 .detach();
         }
         lifecycle.set_stop(Box::new(move |lifecycle| {
@@ -267,10 +376,9 @@ impl Builder {
         }));
         // At debug: the caller has the address from `local_addr` and says it where its users
         // look (`echo` prints it on stdout); `serve`, whose caller cannot, logs it at info.
-        debug!(
-            "listening on {local_addr} ({})",
-            count(self.threads, "thread")
-        );
+        for (addr, transport) in &server.local_addrs {
+            debug!("listening on {addr} ({transport})");
+        }
         Ok(server)
     }
 
@@ -283,15 +391,13 @@ impl Builder {
     pub fn serve<A, H, F>(self, addr: A, handler: H) -> io::Result<()>
     where
         A: ToSocketAddrs,
-        H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
+        H: Fn(Connection) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
         let server = self.stop_on_signals(true).start(addr, handler)?;
-        info!(
-            "listening on {} ({})",
-            server.local_addr(),
-            count(server.threads(), "thread")
-        );
+        for (addr, transport) in server.local_addrs() {
+            info!("listening on {addr} ({transport})");
+        }
         server.wait();
         Ok(())
     }
@@ -307,18 +413,23 @@ fn invalid_input(message: &str) -> io::Error {
 /// It is `Sync`: one thread can block in [`Server::wait`] while others read
 /// [`Server::connections`] through a shared reference.
 pub struct Server {
-    local_addr: SocketAddr,
+    /// Each listener's address and transport, in the order they were given.
+    local_addrs: Vec<(Addr, Transport)>,
     threads: usize,
     /// Stop requests, the stop itself, and its end.
     lifecycle: Arc<Lifecycle>,
     /// Open connections.
     tracker: Arc<Tracker>,
+    /// The TLS listeners' configurations, for [`Server::reload_tls`].
+    #[cfg(feature = "tls")]
+    tls: Vec<TlsConfig>,
 }
 
 /// The parts of a server that a stop takes apart, in this order.
 struct Running {
-    /// Owns the listening socket; cancelling it releases the port.
-    accept: Task<()>,
+    /// One accept loop per listener, each owning its listening socket: cancelling them
+    /// releases the ports (and removes Unix socket files).
+    accept: Vec<Task<()>>,
     tracker: Arc<Tracker>,
     shutdown_timeout: Duration,
     /// Dropping this sender ends every worker's run of the executor.
@@ -331,7 +442,7 @@ struct Running {
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("local_addr", &self.local_addr)
+            .field("local_addrs", &self.local_addrs)
             .field("threads", &self.threads)
             .field("connections", &self.connections())
             .finish_non_exhaustive()
@@ -344,9 +455,36 @@ impl Server {
         Builder::new()
     }
 
-    /// The address the server listens on, with the real port when it was started on port 0.
+    /// The address of the server's first TCP (or TLS) listener, the one [`Builder::start`] was
+    /// given, with the real port when it was started on port 0.
+    ///
+    /// # Panics
+    ///
+    /// If the server has no TCP listener, only Unix sockets: see [`Server::local_addrs`].
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.local_addrs
+            .iter()
+            .find_map(|(addr, _)| addr.as_inet())
+            .expect("a server with no TCP listener has no local_addr: see local_addrs")
+    }
+
+    /// Every listener's address and transport, in the order they were given (the address given
+    /// to [`Builder::start`] first).
+    pub fn local_addrs(&self) -> &[(Addr, Transport)] {
+        &self.local_addrs
+    }
+
+    /// Reads every TLS listener's certificate and key files again: new handshakes use the new
+    /// pair, open connections keep theirs. `echo` (and [`Builder::stop_on_signals`]) does this
+    /// on SIGHUP.
+    ///
+    /// # Errors
+    ///
+    /// The first listener whose files cannot be read or do not match; that listener, like any
+    /// other that failed, keeps the pair it had.
+    #[cfg(feature = "tls")]
+    pub fn reload_tls(&self) -> io::Result<()> {
+        reload_all(&self.tls)
     }
 
     /// The number of worker threads running the executor.
@@ -411,9 +549,15 @@ impl Running {
     /// Stops accepting, waits for open connections until they end, the shutdown timeout
     /// passes or `hurry` completes, then closes the rest and joins the workers.
     fn finish(self, hurry: impl Future<Output = ()>) {
-        // Cancelling drops the accept loop, and with it the listening socket. This thread runs
-        // the executor meanwhile: with no worker started (a failed `start`), nothing else would.
-        future::block_on(self.executor.run(self.accept.cancel()));
+        // Cancelling drops the accept loops, and with them the listening sockets. This thread
+        // runs the executor meanwhile: with no worker started (a failed `start`), nothing else
+        // would.
+        let executor = &self.executor;
+        future::block_on(executor.run(async {
+            for accept in self.accept {
+                accept.cancel().await;
+            }
+        }));
         let open = self.tracker.open();
         if open > 0 {
             info!(
@@ -464,14 +608,14 @@ impl Drop for Server {
 
 /// Turns SIGINT and SIGTERM into stop requests, and logs SIGHUP, for as long as the server runs. Spawned on the
 /// server's executor, so that signals count during a stop's drain too.
-async fn forward_signals(mut signals: Signals, lifecycle: Arc<Lifecycle>) {
+async fn forward_signals(mut signals: Signals, lifecycle: Arc<Lifecycle>, reload: Reload) {
     while let Some(signal) = signals.next().await {
         match signal {
             Ok(Signal::Int) => info!("received SIGINT"),
             Ok(Signal::Term) => info!("received SIGTERM"),
             Ok(Signal::Hup) => {
                 // What closing a terminal sends: the default action would kill the server.
-                info!("received SIGHUP: nothing to reload; still serving");
+                reload.on_hangup();
                 continue;
             }
             Ok(other) => info!("received {other:?}"),
@@ -482,6 +626,39 @@ async fn forward_signals(mut signals: Signals, lifecycle: Arc<Lifecycle>) {
         }
         lifecycle.request();
     }
+}
+
+/// What SIGHUP reloads.
+struct Reload {
+    #[cfg(feature = "tls")]
+    tls: Vec<TlsConfig>,
+}
+
+impl Reload {
+    fn on_hangup(&self) {
+        #[cfg(feature = "tls")]
+        if !self.tls.is_empty() {
+            match reload_all(&self.tls) {
+                Ok(()) => info!("received SIGHUP: reloaded the TLS certificate and key"),
+                // The error names the file and the cause; the old pair stays in use.
+                Err(e) => error!("received SIGHUP: {e}; still using the previous pair"),
+            }
+            return;
+        }
+        info!("received SIGHUP: nothing to reload; still serving");
+    }
+}
+
+/// Reloads every configuration, even after one fails; returns the first error.
+#[cfg(feature = "tls")]
+fn reload_all(configs: &[TlsConfig]) -> io::Result<()> {
+    let mut first_error = None;
+    for config in configs {
+        if let Err(e) = config.reload() {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Stops a [`Server`] from anywhere, and tells when a stop has begun; it is cheap to clone.
@@ -551,293 +728,5 @@ pub(crate) fn count(n: usize, noun: &str) -> String {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")
-    }
-}
-
-/// Binds the first address of `addr` that can be bound, with the given listen backlog.
-fn bind(addr: impl ToSocketAddrs, backlog: u32) -> io::Result<TcpListener> {
-    let mut last_error = None;
-    let addrs = addr.to_socket_addrs().map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot resolve the address to bind: {e}"))
-    })?;
-    for addr in addrs {
-        match bind_one(addr, backlog) {
-            Ok(listener) => return Ok(listener),
-            Err(e) => {
-                last_error = Some(io::Error::new(
-                    e.kind(),
-                    format!("failed to bind {addr}: {e}"),
-                ))
-            }
-        }
-    }
-    Err(last_error.unwrap_or_else(|| invalid_input("no address to bind")))
-}
-
-fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // As std does on Unix: a restarted server can bind while old connections sit in TIME_WAIT.
-    // It does not let two servers share a port.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    Ok(socket.into())
-}
-
-/// Accepts clients and spawns a task for each, until cancelled. Never returns on an accept
-/// error: errors that concern one client are skipped, and the others (out of file descriptors,
-/// say) back off from 5 ms to 1 s, or until a connection closes and frees a descriptor.
-async fn accept_loop<H, F>(
-    listener: Async<TcpListener>,
-    executor: Arc<Executor<'static>>,
-    handler: H,
-    tracker: Arc<Tracker>,
-    idle: Option<Arc<IdleSweeper>>,
-    max_connections: usize,
-) where
-    H: Fn(async_net::TcpStream, SocketAddr) -> F + Send + Sync + 'static,
-    F: Future<Output = io::Result<()>> + Send + 'static,
-{
-    let mut backoff = Backoff::default();
-    let mut refusals = RateLimit::default();
-    let mut failures = RateLimit::default();
-    loop {
-        let accept = listener.read_with(|l| l.accept());
-        let accepted = match refusals.held_back_until() {
-            None => accept.await,
-            // A burst of refusals ended a second ago: say how many went unlogged.
-            Some(at) => match async { Some(accept.await) }.or(timer_at(at)).await {
-                Some(accepted) => accepted,
-                None => {
-                    let held_back = refusals.take_held_back();
-                    let clients = if held_back == 1 { "client" } else { "clients" };
-                    warn!(
-                        "refused {held_back} more {clients} at the connection limit ({max_connections} open)"
-                    );
-                    continue;
-                }
-            },
-        };
-        let (stream, peer) = match accepted {
-            Ok((stream, peer)) => (stream, canonical(peer)),
-            Err(e) if concerns_one_client(&e) => {
-                debug!("accept: {e}");
-                continue;
-            }
-            Err(e) => {
-                let delay = backoff.next();
-                if let Some(held_back) = failures.allow() {
-                    error!(
-                        "accept failed: {e}; retrying in {delay:?}{}",
-                        unlogged(held_back)
-                    );
-                }
-                async {
-                    Timer::after(delay).await;
-                }
-                .or(tracker.some_closed())
-                .await;
-                continue;
-            }
-        };
-        backoff = Backoff::default();
-        let held_back = failures.take_held_back();
-        if held_back > 0 {
-            error!(
-                "accept works again after {} not logged",
-                count(held_back as usize, "more failure")
-            );
-        }
-        let Some(slot) = tracker.try_open(max_connections) else {
-            // Accept and close, rather than leave clients hanging in the backlog.
-            drop(stream);
-            if let Some(held_back) = refusals.allow() {
-                warn!(
-                    "refused {peer}: at the connection limit ({max_connections} open){}",
-                    unlogged(held_back)
-                );
-            }
-            continue;
-        };
-        // Without TCP_NODELAY, a reply written in two parts (prefix, then payload) waits for the
-        // client's delayed ACK: Nagle's algorithm turns each round trip into 40 ms.
-        if let Err(e) = stream.set_nodelay(true) {
-            debug!("{peer}: cannot set TCP_NODELAY: {e}");
-        }
-        let stream = match async_net::TcpStream::try_from(stream) {
-            Ok(stream) => stream,
-            Err(e) => {
-                debug!("{peer}: cannot register with the reactor: {e}");
-                continue;
-            }
-        };
-        // A handler may panic before it returns its future: that ends this client only.
-        let handler_future = match panic::catch_unwind(AssertUnwindSafe(|| handler(stream, peer))) {
-            Ok(future) => future,
-            Err(panic) => {
-                log_panic(peer, &*panic);
-                continue;
-            }
-        };
-        let idle = idle
-            .as_ref()
-            .map(|sweeper| IdleWatch::new(Arc::clone(sweeper)));
-        executor
-            .spawn(Connection::new(handler_future, peer, idle, slot))
-            .detach();
-    }
-}
-
-/// Accept errors about the client at the head of the queue (it gave up, or its network did),
-/// not about the server: retry at once, without a log line above debug.
-fn concerns_one_client(e: &io::Error) -> bool {
-    use io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted
-    ) || is_pending_network_error(e)
-}
-
-/// Linux's accept(2) passes on network errors already pending on the new socket, and says to
-/// treat them like EAGAIN and retry; a firewall can add EPERM.
-#[cfg(unix)]
-fn is_pending_network_error(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    let pending = [
-        Errno::NETDOWN,
-        Errno::PROTO,
-        Errno::NOPROTOOPT,
-        Errno::HOSTDOWN,
-        Errno::NONET,
-        Errno::HOSTUNREACH,
-        Errno::OPNOTSUPP,
-        Errno::NETUNREACH,
-        Errno::PERM,
-    ];
-    e.raw_os_error()
-        .is_some_and(|code| pending.iter().any(|errno| errno.raw_os_error() == code))
-}
-
-#[cfg(not(unix))]
-fn is_pending_network_error(_: &io::Error) -> bool {
-    false
-}
-
-/// Exponential back-off for accept failures: 5 ms, doubling, capped at 1 s.
-#[derive(Debug)]
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(5))
-    }
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let delay = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(1));
-        delay
-    }
-}
-
-/// Lets a log line through at most once a second, counting the ones it held back.
-#[derive(Debug, Default)]
-struct RateLimit {
-    last: Option<Instant>,
-    held_back: u64,
-}
-
-impl RateLimit {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    /// `Some(lines held back since the last one)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(last) if now.duration_since(last) < Self::INTERVAL => {
-                self.held_back += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(self.take_held_back())
-            }
-        }
-    }
-
-    /// When lines were held back: the moment the next one could be logged, at which to report
-    /// them if no new line comes by then.
-    fn held_back_until(&self) -> Option<Instant> {
-        let last = self.last?;
-        (self.held_back > 0).then(|| last + Self::INTERVAL)
-    }
-
-    fn take_held_back(&mut self) -> u64 {
-        std::mem::take(&mut self.held_back)
-    }
-}
-
-/// ` (3 more not logged)` after a rate-limited line, or nothing when none were held back.
-fn unlogged(held_back: u64) -> String {
-    if held_back == 0 {
-        String::new()
-    } else {
-        format!(" ({held_back} more not logged)")
-    }
-}
-
-/// `None` at `at`, to race against another future.
-async fn timer_at<T>(at: Instant) -> Option<T> {
-    Timer::at(at).await;
-    None
-}
-
-/// A client's address as people write it: an IPv4 client of a dual-stack (`::`) listener
-/// arrives as an IPv4-mapped IPv6 address, `[::ffff:127.0.0.1]:46856`, and is shown (and handed
-/// to the handler) as `127.0.0.1:46856`.
-pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_5_ms_up_to_1_s() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<_> = (0..10).map(|_| backoff.next().as_millis()).collect();
-        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
-    }
-
-    #[test]
-    fn rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
-        let mut limit = RateLimit::default();
-        assert_eq!(limit.allow(), Some(0));
-        assert_eq!(limit.held_back_until(), None);
-        assert_eq!(limit.allow(), None);
-        assert_eq!(limit.allow(), None);
-        assert_eq!(
-            limit.held_back_until(),
-            Some(limit.last.unwrap() + RateLimit::INTERVAL)
-        );
-        limit.last = Some(Instant::now() - Duration::from_secs(2));
-        assert_eq!(limit.allow(), Some(2));
-        assert_eq!(limit.held_back_until(), None);
-    }
-
-    #[test]
-    fn ipv4_mapped_addresses_are_shown_as_ipv4() {
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:46856".parse().unwrap();
-        assert_eq!(canonical(mapped).to_string(), "127.0.0.1:46856");
-        let v6: SocketAddr = "[::1]:7".parse().unwrap();
-        assert_eq!(canonical(v6), v6);
     }
 }

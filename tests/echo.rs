@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
@@ -203,7 +203,7 @@ fn echo_replies_to_data_sent_with_the_close_and_then_closes() {
 }
 
 /// Upper-cases every byte it reads and sends it back.
-async fn shout(mut stream: async_net::TcpStream, _peer: SocketAddr) -> io::Result<()> {
+async fn shout(mut stream: taskserve::Connection) -> io::Result<()> {
     let mut buf = [0; 1024];
     loop {
         let n = stream.read(&mut buf).await?;
@@ -234,10 +234,9 @@ fn handler_receives_the_clients_address() {
         .threads(1)
         .start(
             "127.0.0.1:0",
-            |mut stream: async_net::TcpStream, peer| async move {
-                stream
-                    .write_all(format!("hello, {peer}\n").as_bytes())
-                    .await
+            |mut conn: taskserve::Connection| async move {
+                let peer = conn.peer_addr().clone();
+                conn.write_all(format!("hello, {peer}\n").as_bytes()).await
             },
         )
         .expect("server starts on an ephemeral port");

@@ -518,7 +518,7 @@ fn misbehaving_clients_leave_no_memory_behind() {
 const PLANNED_PANIC: &str = "asked to panic";
 
 /// Echoes like [`taskserve::echo`], but panics on a chunk that contains `panic`.
-async fn echo_or_panic(mut stream: async_net::TcpStream, _peer: SocketAddr) -> io::Result<()> {
+async fn echo_or_panic(mut stream: taskserve::Connection) -> io::Result<()> {
     let mut buf = vec![0; 4096];
     loop {
         let n = stream.read(&mut buf).await?;

@@ -358,13 +358,36 @@ fn one_stop_request_during_stop_closes_open_connections_at_once() {
 
 #[test]
 fn a_handler_can_stop_its_own_server() {
+    let server = Server::builder()
+        .threads(2)
+        .shutdown_timeout(Duration::from_secs(30))
+        .start(
+            "127.0.0.1:0",
+            |mut conn: taskserve::Connection| async move {
+                use smol::io::AsyncWriteExt;
+                conn.stop_handle().stop();
+                conn.write_all(b"stopping").await
+            },
+        )
+        .unwrap();
+    let addr = server.local_addr();
+    let mut client = connect(addr);
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"stopping", "the handler ran to its end");
+    server.wait();
+    TcpListener::bind(addr).expect("the port is free once stopped");
+}
+
+#[test]
+fn server_stop_called_from_its_own_handler_neither_waits_nor_joins_itself() {
     // The server sits in a slot its own handler can reach, as an embedder's might.
     let slot: Arc<Mutex<Option<Server>>> = Arc::default();
     let handler_slot = Arc::clone(&slot);
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(30))
-        .start("127.0.0.1:0", move |mut stream: async_net::TcpStream, _| {
+        .start("127.0.0.1:0", move |mut stream: taskserve::Connection| {
             let slot = Arc::clone(&handler_slot);
             async move {
                 use smol::io::AsyncWriteExt;
@@ -405,7 +428,7 @@ fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_millis(100))
-        .start("127.0.0.1:0", |_stream: async_net::TcpStream, _| async {
+        .start("127.0.0.1:0", |_stream: taskserve::Connection| async {
             let _state = PanicsOnDrop;
             std::future::pending::<io::Result<()>>().await
         })
@@ -450,7 +473,10 @@ fn connections_can_be_read_while_another_thread_waits() {
         assert_eq!(server.connections(), 1);
         handle.stop();
         assert!(eventually(|| refuses_connections(server.local_addr())));
-        assert!(!waiting.is_finished(), "wait returned with a connection open");
+        assert!(
+            !waiting.is_finished(),
+            "wait returned with a connection open"
+        );
         drop(client);
         waiting.join().unwrap();
     });
@@ -475,4 +501,35 @@ fn sighup_is_logged_and_the_server_keeps_serving() {
     server.signal("TERM");
     drop(client);
     assert_eq!(server.wait_exit(), Some(0));
+}
+
+#[test]
+fn a_handler_hears_a_graceful_stop_and_says_goodbye_before_the_timeout() {
+    let server = Server::builder()
+        .threads(2)
+        .shutdown_timeout(Duration::from_secs(60))
+        .start(
+            "127.0.0.1:0",
+            |mut conn: taskserve::Connection| async move {
+                use smol::io::AsyncWriteExt;
+                conn.write_all(b"hello\n").await?;
+                conn.stop_handle().clone().stopping().await;
+                conn.write_all(b"server shutting down\n").await
+            },
+        )
+        .unwrap();
+    let mut client = connect(server.local_addr());
+    let mut hello = [0; 6];
+    client.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello\n");
+    // The drain ends when the handler does, long before the 60 s timeout would close it.
+    let stopping = Instant::now();
+    server.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "the stop waited for the shutdown timeout"
+    );
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"server shutting down\n");
 }

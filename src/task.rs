@@ -1,20 +1,89 @@
-//! One connection's task: the handler's future, guarded against panics and idleness, logged,
-//! and holding its slot in the connection count until it ends.
+//! One connection's task: the stages before the handler (a TLS handshake), then the handler's
+//! future, guarded against panics and idleness, logged, and holding its slot in the connection
+//! count until it ends.
 
 use std::any::Any;
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use log::{debug, error, info, warn};
 use pin_project_lite::pin_project;
 use smol::future::{CatchUnwind, FutureExt};
 
+use crate::connection::{Addr, ConnectionInfo};
 use crate::idle::IdleWatch;
 use crate::shutdown::Slot;
+
+/// A client as the log names it: its address, or for a Unix socket who it is.
+#[derive(Debug, Clone)]
+pub(crate) enum Peer {
+    Inet(SocketAddr),
+    Described(Arc<str>),
+}
+
+impl Peer {
+    pub(crate) fn of(info: &ConnectionInfo) -> Peer {
+        match (&info.peer_addr, &info.peer_credentials) {
+            (Addr::Inet(addr), _) => Peer::Inet(*addr),
+            (_, Some(cred)) => {
+                let pid = cred
+                    .pid
+                    .map(|pid| format!("pid {pid}, "))
+                    .unwrap_or_default();
+                Peer::Described(format!("{} ({pid}uid {})", info.local_addr, cred.uid).into())
+            }
+            (peer, None) => Peer::Described(format!("{peer} on {}", info.local_addr).into()),
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Inet(addr) => addr.fmt(f),
+            Peer::Described(text) => f.write_str(text),
+        }
+    }
+}
+
+/// The stages before the handler runs, ending in its future; `None` when the connection ends
+/// there (the stage logs why).
+pub(crate) type Prepare<F> = Pin<Box<dyn Future<Output = Option<F>> + Send>>;
+
+pin_project! {
+    /// What a connection's task runs: the stages before the handler (a TLS handshake), which
+    /// then make the handler's future; or the handler's future at once, for a plain
+    /// connection, which so pays nothing for stages it does not have.
+    #[project = StageProj]
+    pub(crate) enum Stage<F> {
+        Preparing { prepare: Prepare<F> },
+        Serving { #[pin] handler: F },
+    }
+}
+
+impl<F: Future<Output = io::Result<()>>> Future for Stage<F> {
+    /// `None` when a stage ended the connection before the handler ran.
+    type Output = Option<io::Result<()>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                StageProj::Preparing { prepare } => match prepare.as_mut().poll(cx) {
+                    Poll::Ready(Some(handler)) => self.set(Stage::Serving { handler }),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                },
+                StageProj::Serving { handler } => return handler.poll(cx).map(Some),
+            }
+        }
+    }
+}
 
 pin_project! {
     /// The task of one accepted client: polls the handler's future until it returns, fails,
@@ -24,21 +93,21 @@ pin_project! {
     /// A hand-written future rather than an `async fn`, because the task's size is most of an
     /// idle connection's memory: an `async fn` would keep its arguments beside the handler's
     /// future for the task's whole life.
-    pub(crate) struct Connection<F> {
+    pub(crate) struct ConnectionTask<F> {
         #[pin]
-        handler: Option<CatchUnwind<AssertUnwindSafe<F>>>,
-        peer: SocketAddr,
+        handler: Option<CatchUnwind<AssertUnwindSafe<Stage<F>>>>,
+        peer: Peer,
         idle: Option<IdleWatch>,
         slot: Option<Slot>,
     }
 
-    impl<F> PinnedDrop for Connection<F> {
+    impl<F> PinnedDrop for ConnectionTask<F> {
         /// A connection dropped before its handler finished was cancelled: the server stopped
         /// and its drain ran out of time. It is closed all the same, and logged as such.
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if this.handler.is_some() {
-                drop_handler(this.handler, *this.peer);
+                drop_handler(this.handler, this.peer);
                 debug!("{}: closed by the server stopping", this.peer);
                 info!("Connection closed: {}", this.peer);
             }
@@ -46,12 +115,12 @@ pin_project! {
     }
 }
 
-impl<F: Future<Output = io::Result<()>>> Connection<F> {
-    /// `handler` is the handler's future for the client at `peer`.
-    pub(crate) fn new(handler: F, peer: SocketAddr, idle: Option<IdleWatch>, slot: Slot) -> Self {
+impl<F: Future<Output = io::Result<()>>> ConnectionTask<F> {
+    /// `handler` is what runs for the client at `peer`: its stages, then the handler.
+    pub(crate) fn new(handler: Stage<F>, peer: Peer, idle: Option<IdleWatch>, slot: Slot) -> Self {
         // The seed's two lines per client, in its words, so the programs are recognisably the same.
         info!("Connection from {peer}");
-        Connection {
+        ConnectionTask {
             handler: Some(AssertUnwindSafe(handler).catch_unwind()),
             peer,
             idle,
@@ -60,7 +129,7 @@ impl<F: Future<Output = io::Result<()>>> Connection<F> {
     }
 }
 
-impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
+impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -78,12 +147,13 @@ impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
         let Poll::Ready(outcome) = outcome else {
             return Poll::Pending;
         };
-        let peer = *this.peer;
+        let peer = &*this.peer;
         // Dropping the handler's future closes the socket, before the log says so.
         drop_handler(this.handler, peer);
         match outcome {
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => log_handler_error(peer, &e),
+            Some(Ok(Some(Ok(())))) => {}
+            Some(Ok(Some(Err(e)))) => log_handler_error(peer, &e),
+            Some(Ok(None)) => {} // a stage ended it, and said why
             Some(Err(panic)) => log_panic(peer, &*panic),
             None => debug!("{peer}: closed: idle for the idle timeout"),
         }
@@ -95,14 +165,14 @@ impl<F: Future<Output = io::Result<()>>> Future for Connection<F> {
 
 /// Drops the handler's future, catching a panic in its `Drop`: one while a stop cancels the task
 /// would otherwise abort the process (async-task cannot unwind out of a destructor).
-fn drop_handler<F>(handler: Pin<&mut Option<F>>, peer: SocketAddr) {
+fn drop_handler<F>(handler: Pin<&mut Option<F>>, peer: &Peer) {
     let mut handler = handler;
     if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| handler.set(None))) {
         log_panic(peer, &*panic);
     }
 }
 
-fn log_handler_error(peer: SocketAddr, e: &io::Error) {
+fn log_handler_error(peer: &Peer, e: &io::Error) {
     use io::ErrorKind::*;
     match e.kind() {
         // A client that resets or vanishes is the network being normal, not a fault to act on.
@@ -114,7 +184,7 @@ fn log_handler_error(peer: SocketAddr, e: &io::Error) {
 }
 
 /// Logs a handler's panic: a bug in the library user's code, so an error an operator should see.
-pub(crate) fn log_panic(peer: SocketAddr, payload: &(dyn Any + Send)) {
+pub(crate) fn log_panic(peer: &Peer, payload: &(dyn Any + Send)) {
     let message = if let Some(s) = payload.downcast_ref::<&str>() {
         s
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -1,0 +1,274 @@
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable),
+//! and the handshake, one stage of a connection's task with its own deadline.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures_rustls::pki_types::pem::PemObject;
+use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use futures_rustls::rustls::server::WebPkiClientVerifier;
+use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
+use futures_rustls::TlsAcceptor;
+use log::debug;
+use smol::future::FutureExt;
+use smol::Timer;
+
+use crate::connection::{ConnectionInfo, Stream, TlsInfo, Transport};
+use crate::task::Peer;
+
+/// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
+/// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`] of your own. Cheap to
+/// clone; clones share one configuration, so a reload reaches every listener using it.
+///
+/// # Examples
+///
+/// ```no_run
+/// let tls = taskserve::TlsConfig::from_pem_files("cert.pem", "key.pem")?
+///     .with_client_ca_file("clients-ca.pem")?; // optional: ask clients for certificates
+/// let server = taskserve::Server::builder()
+///     .listen_tls("127.0.0.1:25443", tls)
+///     .start_listeners(taskserve::echo)?;
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Clone)]
+pub struct TlsConfig(Arc<Shared>);
+
+struct Shared {
+    /// Where the configuration comes from, read again on reload; `None` for a given one.
+    files: Option<Files>,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+#[derive(Debug, Clone)]
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    alpn: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("files", &self.0.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Reads a certificate chain (the server's certificate first, then any intermediates) and
+    /// its private key (PKCS#8, PKCS#1 RSA or SEC1 EC) from PEM files.
+    ///
+    /// # Errors
+    ///
+    /// With a message that names the file and the cause: a file missing or unreadable, not
+    /// PEM, with no certificate (or no key) in it, or a key that does not match the
+    /// certificate.
+    pub fn from_pem_files(cert: impl AsRef<Path>, key: impl AsRef<Path>) -> io::Result<Self> {
+        Self::from_files(Files {
+            cert: cert.as_ref().to_path_buf(),
+            key: key.as_ref().to_path_buf(),
+            client_ca: None,
+            alpn: Vec::new(),
+        })
+    }
+
+    /// Serves with a rustls configuration built by the caller (session caches, key logging,
+    /// a certificate resolver of its own...). [`TlsConfig::reload`] has nothing to read for it.
+    pub fn from_server_config(config: Arc<ServerConfig>) -> Self {
+        TlsConfig(Arc::new(Shared {
+            files: None,
+            current: RwLock::new(config),
+        }))
+    }
+
+    /// Asks every client for a certificate signed by a CA in `ca` (PEM) and refuses, in the
+    /// handshake, those without one. The handler sees the certificate's subject in
+    /// [`TlsInfo::client_subject`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::from_pem_files`], for `ca`; [`io::ErrorKind::InvalidInput`] for a
+    /// configuration made by [`TlsConfig::from_server_config`].
+    pub fn with_client_ca_file(self, ca: impl AsRef<Path>) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.client_ca = Some(ca.as_ref().to_path_buf());
+        Self::from_files(files)
+    }
+
+    /// The application protocols offered with ALPN, most preferred first (`b"h2"`,
+    /// `b"http/1.1"`...); the one negotiated is in [`TlsInfo::alpn_protocol`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::with_client_ca_file`].
+    pub fn with_alpn_protocols(self, protocols: &[&[u8]]) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.alpn = protocols.iter().map(|p| p.to_vec()).collect();
+        Self::from_files(files)
+    }
+
+    /// Reads the files again: handshakes that start afterwards use the new certificate and key,
+    /// and open connections keep theirs. Nothing to do for a configuration given as a
+    /// [`ServerConfig`].
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::from_pem_files`]; the configuration in use then stays as it was.
+    pub fn reload(&self) -> io::Result<()> {
+        let Some(files) = &self.0.files else {
+            return Ok(());
+        };
+        let config = load(files)?;
+        *self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = config;
+        Ok(())
+    }
+
+    fn from_files(files: Files) -> io::Result<Self> {
+        let config = load(&files)?;
+        Ok(TlsConfig(Arc::new(Shared {
+            files: Some(files),
+            current: RwLock::new(config),
+        })))
+    }
+
+    fn files(&self) -> io::Result<Files> {
+        self.0.files.clone().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TlsConfig made from a ServerConfig is configured there",
+            )
+        })
+    }
+
+    fn current(&self) -> Arc<ServerConfig> {
+        let current = self
+            .0
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&current)
+    }
+}
+
+fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
+    let certs = read_certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| pem_error(&files.key, "private key", e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| io::Error::other(format!("cannot set up TLS: {e}")))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots.add(cert).map_err(|e| {
+                    invalid_data(format!(
+                        "{}: not a usable CA certificate: {e}",
+                        ca.display()
+                    ))
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| invalid_data(format!("{}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+        invalid_data(format!(
+            "{} and {} do not go together: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
+    config.alpn_protocols = files.alpn.clone();
+    Ok(Arc::new(config))
+}
+
+fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error(path, "certificate", e))?;
+    if certs.is_empty() {
+        return Err(pem_error(
+            path,
+            "certificate",
+            rustls::pki_types::pem::Error::NoItemsFound,
+        ));
+    }
+    Ok(certs)
+}
+
+/// `cannot read cert.pem: No such file or directory`, `cert.pem: no certificate in it (not a
+/// PEM file?)`: what was read, and why it failed.
+fn pem_error(path: &Path, what: &str, e: rustls::pki_types::pem::Error) -> io::Error {
+    use rustls::pki_types::pem::Error;
+    let path = path.display();
+    match e {
+        Error::Io(e) => io::Error::new(e.kind(), format!("cannot read {path}: {e}")),
+        Error::NoItemsFound => invalid_data(format!("{path}: no {what} in it (not a PEM file?)")),
+        other => invalid_data(format!("{path}: not a valid PEM file: {other}")),
+    }
+}
+
+fn invalid_data(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// The TLS handshake of one connection, within `timeout`: the stream then becomes the
+/// decrypted one, and `info` learns what was settled. `None`, with the reason logged at debug,
+/// when the client fails it, sends something else, or takes too long.
+pub(crate) async fn handshake(
+    stream: Stream,
+    mut info: ConnectionInfo,
+    tls: &TlsConfig,
+    timeout: Duration,
+    peer: &Peer,
+) -> Option<(Stream, ConnectionInfo)> {
+    let Stream::Tcp(tcp) = stream else {
+        debug!("{peer}: TLS over anything but TCP is not supported");
+        return None;
+    };
+    let accepting = TlsAcceptor::from(tls.current()).accept(tcp);
+    let deadline = async {
+        Timer::after(timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no handshake within {timeout:?}"),
+        ))
+    };
+    let stream = match accepting.or(deadline).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            debug!("{peer}: TLS handshake failed: {e}");
+            return None;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    info.transport = Transport::Tls;
+    info.tls = Some(TlsInfo {
+        server_name: session.server_name().map(str::to_string),
+        alpn_protocol: session.alpn_protocol().map(<[u8]>::to_vec),
+        client_subject: session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| subject(cert)),
+    });
+    Some((Stream::Tls(Box::new(stream)), info))
+}
+
+/// A certificate's subject as people write it: `CN=alice, O=Example`.
+fn subject(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(cert.subject().to_string())
+}
