@@ -1,6 +1,6 @@
 //! Round trips through the library's echo server over loopback: one connection at a time, and
 //! many connections with a request in flight on each. `cargo bench` runs them; a regression in
-//! the per-message path shows here without the peers of `../shared/bench`.
+//! the per-message path shows here without the peers in `bench/`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

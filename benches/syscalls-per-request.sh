@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# System calls a server makes per request under the ping-pong load of ../shared/bench.
+# System calls a server makes per request under the ping-pong load of bench/loadgen.
 #
 #   benches/syscalls-per-request.sh 'target/release/echo --threads 2 --port {port} --quiet'
-#   benches/syscalls-per-request.sh '../shared/bench/bin/tokio-echo --threads 2 --port {port}'
+#   benches/syscalls-per-request.sh 'bench/bin/tokio-echo --threads 2 --port {port}'
 #
 # It starts the server on a free port, drives it with `loadgen pingpong` (50 connections,
 # 64 bytes; CONNECTIONS overrides the count), and counts the server's system calls with perf's
@@ -10,8 +10,8 @@
 # load as it is. Requests are counted as the server's sendto and writev calls (plain write is
 # left out: a runtime's wake-ups write to an eventfd), so the figures are per request for a
 # server that answers each message with one send, as all the peers do at 64 bytes.
-# Needs perf (linux-perf) with tracepoints readable, and the loadgen built
-# (../shared/bench/build.sh and `cargo build --release` in ../shared/bench/loadgen).
+# Needs perf (linux-perf) with tracepoints readable, and the loadgen and peers built
+# (bench/build.sh). Run it from the repository root, as the commands above are.
 set -euo pipefail
 
 if [ $# -ne 1 ]; then
@@ -19,8 +19,12 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 
-bench=$(cd "$(dirname "$0")/../../shared/bench" && pwd)
-loadgen=$bench/loadgen/target/release/loadgen
+bench=$(cd "$(dirname "$0")/../bench" && pwd)
+loadgen=$bench/bin/loadgen
+if [ ! -x "$loadgen" ]; then
+    echo "syscalls-per-request.sh: $loadgen not found: run bench/build.sh first" >&2
+    exit 1
+fi
 work=$(mktemp -d)
 trap 'kill -TERM "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 
