@@ -31,6 +31,9 @@ use std::task::{Context, Poll, Wake, Waker};
 use polling::{AsRawSource, AsSource, Event, Events, Poller};
 
 /// The seed's global state: the run queue, and the reactor standing in for `select()`.
+///
+/// Mutexes and atomics, though one thread runs everything: std's `Waker` may be sent to any
+/// thread, so what it reaches must be thread-safe, and `stop` comes from another thread.
 pub struct Scheduler {
     /// The seed's `tasks`: tasks ready to run, in order.
     tasks: Mutex<VecDeque<Arc<Task>>>,
