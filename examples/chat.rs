@@ -28,7 +28,7 @@ const MAX_LINE: u64 = 4096;
 
 /// Everyone in the room, each with the queue of messages their task writes to them.
 #[derive(Default)]
-struct Room(Mutex<HashMap<Addr, Sender<Arc<str>>>>);
+pub struct Room(Mutex<HashMap<Addr, Sender<Arc<str>>>>);
 
 impl Room {
     fn members(&self) -> MutexGuard<'_, HashMap<Addr, Sender<Arc<str>>>> {
@@ -62,7 +62,8 @@ impl Drop for Member {
 
 /// One client: its lines go to the room, and the room's messages go back to it, until either
 /// side ends or the server stops.
-async fn chat(room: Arc<Room>, conn: Connection) -> io::Result<()> {
+/// (`pub` for tests/examples.rs, which serves it in-process.)
+pub async fn chat(room: Arc<Room>, conn: Connection) -> io::Result<()> {
     let peer = conn.peer_addr().clone();
     let stop = conn.stop_handle().clone();
     // Two halves, so that one task can wait for a line while it writes the room's messages.

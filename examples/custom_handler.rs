@@ -19,6 +19,7 @@ use taskserve::Connection;
 const MAX_LINE: u64 = 64 * 1024;
 
 /// Answers each line from the client with that line upper-cased, until the client hangs up.
+/// (`pub` for tests/examples.rs, which serves it in-process.)
 pub async fn shout(conn: Connection) -> io::Result<()> {
     let (mut reader, mut line) = (BufReader::new(conn), Vec::new());
     loop {
