@@ -3,8 +3,8 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
-use std::process::Command;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
 
 use common::{connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess};
 
@@ -62,6 +62,104 @@ fn log_of_one_client(args: &[&str]) -> (String, String) {
     let mut log = String::new();
     stderr.read_to_string(&mut log).expect("read echo's stderr");
     (client_addr, log)
+}
+
+/// The write end of a pipe whose reader has gone, as in `echo | true` once `true` has exited:
+/// every write to it fails with EPIPE.
+fn pipe_nobody_reads() -> Stdio {
+    let mut reader = Command::new("true")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run true");
+    let write_end = reader.stdin.take().expect("true's stdin");
+    reader.wait().expect("wait for true");
+    Stdio::from(write_end)
+}
+
+/// `echo` with `args`, its stdout and stderr pipes nobody reads, logging at debug so that it
+/// writes to them as much as it can.
+fn spawn_echo_into_closed_pipes(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_echo"))
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(pipe_nobody_reads())
+        .stderr(pipe_nobody_reads())
+        .spawn()
+        .expect("start the echo binary")
+}
+
+/// The TCP port process `pid` listens on, from the kernel's socket table: for a server whose
+/// stdout cannot tell.
+fn listening_port(pid: u32) -> Option<u16> {
+    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let inode = columns.get(9)?;
+        if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
+            return None;
+        }
+        u16::from_str_radix(columns.get(1)?.split(':').nth(1)?, 16).ok()
+    })
+}
+
+#[test]
+fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
+    let mut child = spawn_echo_into_closed_pipes(&["--port", "0", "--threads", "1"]);
+    // An echo that dies at its first failed write may still show its port for a moment: then the
+    // client below is refused.
+    let (mut port, mut exit) = (None, None);
+    let settled = eventually(|| {
+        exit = child.try_wait().expect("wait for echo").map(|s| s.code());
+        port = listening_port(child.id());
+        exit.is_some() || port.is_some()
+    });
+    assert!(settled, "echo neither listened nor exited in time");
+    assert_eq!(
+        exit, None,
+        "echo exited (with this code) instead of serving"
+    );
+    let port = port.expect("the port echo listens on");
+    let mut echo = EchoProcess {
+        child,
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        listening: String::new(),
+    };
+    round_trip(&mut connect(echo.addr), b"Hello into the void\n");
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+}
+
+#[test]
+fn messages_into_a_closed_pipe_keep_their_exit_code() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = taken.local_addr().unwrap().port().to_string();
+    let cases: [(&[&str], i32); 4] = [
+        (&["--help"], 0),
+        (&["--version"], 0),
+        (&["--no-such-flag"], 2),
+        (&["--port", &port], 1),
+    ];
+    for (args, code) in cases {
+        let mut child = spawn_echo_into_closed_pipes(args);
+        let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait().expect("wait for echo");
+        assert!(exited, "echo {args:?} still ran after the patience");
+        // A panic would be 101.
+        assert_eq!(status.code(), Some(code), "exit code of echo {args:?}");
+    }
 }
 
 #[test]

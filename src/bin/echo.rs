@@ -3,6 +3,7 @@
 //! Parses flags, builds the server, prints the address it listens on, and serves until SIGINT or
 //! SIGTERM; everything else is the library's.
 
+use std::fmt::Display;
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -61,7 +62,9 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if args.version {
-        println!("echo (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        let version = format!("echo (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        // As ripgrep does on a broken pipe: the reader has what it wanted, or did not want it.
+        let _ = print_line(io::stdout(), version);
         return ExitCode::SUCCESS;
     }
     let default_level = if args.quiet { "warn" } else { "info" };
@@ -70,10 +73,19 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("echo: {e}");
+            // Nowhere left to report a failure to report the failure: the exit code still says it.
+            let _ = print_line(io::stderr(), format_args!("echo: {e}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `line` and a newline to `stream`, flushed. `println!` and `eprintln!` would panic (exit
+/// code 101) when the stream is a pipe whose reader has gone: `echo | true`, or a script that
+/// stops reading once it has seen the listening line.
+fn print_line(mut stream: impl Write, line: impl Display) -> io::Result<()> {
+    writeln!(stream, "{line}")?;
+    stream.flush()
 }
 
 /// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
@@ -86,13 +98,14 @@ fn parse_args() -> Result<Args, ExitCode> {
     let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
     Args::from_args(&[command], &rest).map_err(|early| match early.status {
         Ok(()) => {
-            println!("{}", early.output);
+            let _ = print_line(io::stdout(), early.output);
             ExitCode::SUCCESS
         }
         Err(()) => {
-            eprintln!(
-                "{}\nRun {command} --help for more information.",
-                early.output.trim_end()
+            let usage = early.output.trim_end();
+            let _ = print_line(
+                io::stderr(),
+                format_args!("{usage}\nRun {command} --help for more information."),
             );
             ExitCode::from(2)
         }
@@ -111,16 +124,20 @@ fn run(args: &Args) -> io::Result<()> {
         .stop_on_signals(true)
         .start(&addrs[..], taskserve::echo)?;
     // On stdout whatever the log level, and flushed: scripts wait for this line.
-    let mut stdout = io::stdout().lock();
     let threads = server.threads();
     let plural = if threads == 1 { "" } else { "s" };
-    writeln!(
-        stdout,
+    let listening = format!(
         "listening on {} ({threads} thread{plural})",
         server.local_addr()
-    )?;
-    stdout.flush()?;
-    drop(stdout);
+    );
+    // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe because
+    // its output is its whole job and nobody wants it any more; a server's job is the network,
+    // and stdout only announces the address to whoever started it, who may stop reading once
+    // they have it (`grep -m1`), or never read. So the line is dropped, the failure logged (the
+    // logger drops its own lines just as quietly when stderr is closed), and serving goes on.
+    if let Err(e) = print_line(io::stdout(), &listening) {
+        log::warn!("cannot print '{listening}' on stdout: {e}; serving anyway");
+    }
     server.wait();
     Ok(())
 }
