@@ -199,10 +199,13 @@ fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
 
 #[test]
 fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--port", "65536"], "--port"),
         (&["--port", "abc"], "--port"),
         (&["--threads", "0"], "--threads"),
+        (&["--threads", "1025"], "--threads"),
+        // Once, this started some 17,000 threads and aborted (exit 134).
+        (&["--threads", "100000"], "--threads"),
         (&["--max-connections", "0"], "--max-connections"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];
@@ -217,6 +220,26 @@ fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
             "stderr of echo {args:?} does not point to --help: {stderr}"
         );
     }
+}
+
+#[test]
+fn threads_takes_up_to_1024_as_help_says() {
+    let echo = EchoProcess::start(&["--threads", "1024", "--quiet"]);
+    assert_eq!(
+        echo.listening,
+        format!("listening on 127.0.0.1:{} (1024 threads)", echo.addr.port())
+    );
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+    drop(echo);
+    let (code, help, _) = run_echo(&["--help"]);
+    assert_eq!(code, Some(0));
+    let threads = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--threads"));
+    assert!(
+        threads.is_some_and(|l| l.contains("1 to 1024")),
+        "--help: {help}"
+    );
 }
 
 #[test]

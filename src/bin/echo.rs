@@ -14,8 +14,12 @@ use argh::FromArgs;
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
 #[derive(FromArgs, Debug)]
 struct Args {
-    /// worker threads that run the executor (default: the number of CPUs)
-    #[argh(option, default = "num_cpus::get()", from_str_fn(at_least_one))]
+    /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
+    #[argh(
+        option,
+        default = "num_cpus::get().min(MAX_THREADS)",
+        from_str_fn(thread_count)
+    )]
     threads: usize,
 
     /// TCP port to listen on; 0 picks a free one (default 25000)
@@ -46,6 +50,21 @@ struct Args {
     /// print the version and exit
     #[argh(switch, short = 'V')]
     version: bool,
+}
+
+/// The most `--threads` takes, as its help says. Above the core count threads only take turns on
+/// the cores (the largest machines have a few hundred), and each one costs a stack and a few
+/// memory mappings: about 17,000 of them exhaust the kernel's default limit on mappings
+/// (`vm.max_map_count`) and the process aborts while starting them. 1024 leaves room for any
+/// machine and is far from that.
+const MAX_THREADS: usize = 1024;
+
+fn thread_count(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
+        Err(e) => Err(format!("{e}")),
+    }
 }
 
 fn at_least_one(value: &str) -> Result<usize, String> {
