@@ -187,21 +187,45 @@ fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
         eprintln!("skipped: this machine has no IPv6 loopback");
         return;
     }
-    let echo = EchoProcess::start(&["--host", "::1", "--threads", "1"]);
-    assert!(echo.addr.is_ipv6(), "{}", echo.listening);
+    // Bare, and in brackets as the listening line prints it.
+    for host in ["::1", "[::1]"] {
+        let echo = EchoProcess::start(&["--host", host, "--threads", "1"]);
+        assert!(echo.addr.is_ipv6(), "{}", echo.listening);
+        assert_eq!(
+            echo.listening,
+            format!("listening on [::1]:{} (1 thread)", echo.addr.port())
+        );
+        let mut client = connect(echo.addr);
+        round_trip(&mut client, b"Hello over IPv6\n");
+    }
+}
+
+#[test]
+fn options_take_their_value_after_an_equals_sign() {
+    let echo = EchoProcess::start_as_given(
+        Command::new(env!("CARGO_BIN_EXE_echo")),
+        &[
+            "--port=0",
+            "--threads=1",
+            "--host=127.0.0.1",
+            "--idle-timeout=5",
+        ],
+    );
     assert_eq!(
         echo.listening,
-        format!("listening on [::1]:{} (1 thread)", echo.addr.port())
+        format!("listening on 127.0.0.1:{} (1 thread)", echo.addr.port())
     );
-    let mut client = connect(echo.addr);
-    round_trip(&mut client, b"Hello over IPv6\n");
+    round_trip(&mut connect(echo.addr), b"Hello\n");
 }
 
 #[test]
 fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--port", "65536"], "--port"),
         (&["--port", "abc"], "--port"),
+        (&["--port=abc"], "'--port' with value 'abc'"),
+        // A switch takes no value, with an equals sign or without.
+        (&["--quiet=yes"], "--quiet=yes"),
         (&["--threads", "0"], "--threads"),
         (&["--threads", "1025"], "--threads"),
         // Once, this started some 17,000 threads and aborted (exit 134).
@@ -274,6 +298,7 @@ fn help_documents_every_flag_and_exits_0() {
     let (code, stdout, stderr) = run_echo(&["--help"]);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert_eq!(stderr, "");
+    assert_eq!(run_echo(&["-h"]), (code, stdout.clone(), stderr), "-h");
     for flag in [
         "--threads",
         "--port",

@@ -5,14 +5,14 @@
 
 use std::fmt::Display;
 use std::io::{self, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FlagInfoKind, FromArgs};
 
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs, ArgsInfo, Debug)]
 struct Args {
     /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
     #[argh(
@@ -27,7 +27,7 @@ struct Args {
     port: u16,
 
     /// address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or :: for all
-    /// interfaces)
+    /// interfaces; IPv6 with or without brackets)
     #[argh(option, default = "String::from(\"127.0.0.1\")")]
     host: String,
 
@@ -114,7 +114,8 @@ fn parse_args() -> Result<Args, ExitCode> {
     let command = strings
         .first()
         .map_or("echo", |s| s.rsplit('/').next().unwrap_or(s));
-    let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
+    let rest = argh_spelling(strings.get(1..).unwrap_or(&[]));
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     Args::from_args(&[command], &rest).map_err(|early| match early.status {
         Ok(()) => {
             let _ = print_line(io::stdout(), early.output);
@@ -129,6 +130,36 @@ fn parse_args() -> Result<Args, ExitCode> {
             ExitCode::from(2)
         }
     })
+}
+
+/// Rewrites two spellings users type and argh rejects: `--name=value` for an option becomes
+/// `--name value`, and `-h` becomes `--help`. A switch keeps its `=` (`--quiet=no` stays an
+/// error), and an option's value is passed on as it is, even if it looks like a flag.
+fn argh_spelling(args: &[String]) -> Vec<String> {
+    let flags = Args::get_args_info().flags;
+    let is_option = |name: &str| {
+        flags
+            .iter()
+            .any(|flag| flag.long == name && matches!(flag.kind, FlagInfoKind::Option { .. }))
+    };
+    let mut spelled = Vec::with_capacity(args.len() + 1);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "-h" {
+            spelled.push("--help".to_string());
+        } else if is_option(arg) {
+            spelled.push(arg.clone());
+            spelled.extend(args.next().cloned());
+        } else {
+            match arg.split_once('=') {
+                Some((name, value)) if is_option(name) => {
+                    spelled.extend([name.to_string(), value.to_string()]);
+                }
+                _ => spelled.push(arg.clone()),
+            }
+        }
+    }
+    spelled
 }
 
 fn run(args: &Args) -> io::Result<()> {
@@ -163,7 +194,12 @@ fn run(args: &Args) -> io::Result<()> {
 
 fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     // A bare IPv6 address such as `::1` is not `host:port` syntax; try it as an address first.
-    if let Ok(ip) = host.parse() {
+    // In brackets too, as the listening line prints it (`[::1]:25000`).
+    let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(bracketed) => bracketed.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+        None => host.parse().ok(),
+    };
+    if let Some(ip) = ip {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     (host, port)

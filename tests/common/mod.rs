@@ -146,6 +146,12 @@ impl EchoProcess {
     /// once the pipe's 64 KiB are full.
     pub fn start_with(mut command: Command, args: &[&str]) -> EchoProcess {
         command.args(["--port", "0"]);
+        Self::start_as_given(command, args)
+    }
+
+    /// As [`EchoProcess::start_with`], without adding `--port 0`: `args` must choose port 0
+    /// themselves, however they spell it.
+    pub fn start_as_given(command: Command, args: &[&str]) -> EchoProcess {
         let mut child = spawn(command, args);
         let mut listening = String::new();
         BufReader::new(child.stdout.take().unwrap())
