@@ -6,7 +6,9 @@ use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 
-use common::{connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess};
+use common::{
+    connect, eventually, round_trip, run_echo, run_to_exit, worker_thread_names, EchoProcess,
+};
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
 /// stdout, and one line on stderr that starts with `prefix` (no panic, no backtrace); returns
@@ -263,6 +265,33 @@ fn threads_takes_up_to_1024_as_help_says() {
     assert!(
         threads.is_some_and(|l| l.contains("1 to 1024")),
         "--help: {help}"
+    );
+}
+
+#[test]
+fn taskserve_echo_is_the_same_program_and_speaks_under_its_own_name() {
+    let bin = env!("CARGO_BIN_EXE_taskserve-echo");
+    let echo = EchoProcess::start_with(Command::new(bin), &["--threads", "1"]);
+    assert_eq!(
+        echo.listening,
+        format!("listening on 127.0.0.1:{} (1 thread)", echo.addr.port())
+    );
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+
+    let (code, stdout, _) = run_to_exit(Command::new(bin), &["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("taskserve-echo "), "{stdout}");
+    let (code, _, stderr) = run_to_exit(Command::new(bin), &["--no-such-flag"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("Run taskserve-echo --help"), "{stderr}");
+    let (code, _, stderr) = run_to_exit(
+        Command::new(bin),
+        &["--port", &echo.addr.port().to_string()],
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with("taskserve-echo: failed to bind"),
+        "{stderr}"
     );
 }
 

@@ -2,10 +2,14 @@
 //!
 //! Parses flags, builds the server, prints the address it listens on, and serves until SIGINT or
 //! SIGTERM; everything else is the library's.
+//!
+//! The same program is also built as `taskserve-echo` (`src/bin/taskserve-echo.rs` calls this
+//! file's `main`), the name to install: an `echo` first on `PATH` would shadow the shell's.
 
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -75,13 +79,15 @@ fn at_least_one(value: &str) -> Result<usize, String> {
     }
 }
 
-fn main() -> ExitCode {
-    let args = match parse_args() {
+pub fn main() -> ExitCode {
+    let strings: Vec<String> = std::env::args().collect();
+    let name = program_name(strings.first());
+    let args = match parse_args(name, strings.get(1..).unwrap_or(&[])) {
         Ok(args) => args,
         Err(code) => return code,
     };
     if args.version {
-        let version = format!("echo (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        let version = format!("{name} (taskserve) {}", env!("CARGO_PKG_VERSION"));
         // As ripgrep does on a broken pipe: the reader has what it wanted, or did not want it.
         let _ = print_line(io::stdout(), version);
         return ExitCode::SUCCESS;
@@ -93,7 +99,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Nowhere left to report a failure to report the failure: the exit code still says it.
-            let _ = print_line(io::stderr(), format_args!("echo: {e}"));
+            let _ = print_line(io::stderr(), format_args!("{name}: {e}"));
             ExitCode::FAILURE
         }
     }
@@ -107,14 +113,18 @@ fn print_line(mut stream: impl Write, line: impl Display) -> io::Result<()> {
     stream.flush()
 }
 
+/// The name the program was run as, which its messages use: `echo` under `cargo run --bin echo`,
+/// `taskserve-echo` once installed.
+fn program_name(argv0: Option<&String>) -> &str {
+    argv0
+        .and_then(|path| Path::new(path).file_name()?.to_str())
+        .unwrap_or(env!("CARGO_BIN_NAME"))
+}
+
 /// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
 /// so that it differs from a failure to serve.
-fn parse_args() -> Result<Args, ExitCode> {
-    let strings: Vec<String> = std::env::args().collect();
-    let command = strings
-        .first()
-        .map_or("echo", |s| s.rsplit('/').next().unwrap_or(s));
-    let rest = argh_spelling(strings.get(1..).unwrap_or(&[]));
+fn parse_args(command: &str, args: &[String]) -> Result<Args, ExitCode> {
+    let rest = argh_spelling(args);
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     Args::from_args(&[command], &rest).map_err(|early| match early.status {
         Ok(()) => {

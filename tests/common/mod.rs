@@ -233,7 +233,12 @@ fn spawn(mut command: Command, args: &[&str]) -> Child {
 /// and stderr. A bug that leaves it serving (a bind that should fail and does not) fails the
 /// test after [`PATIENCE`] instead of hanging it.
 pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = spawn(Command::new(env!("CARGO_BIN_EXE_echo")), args);
+    run_to_exit(Command::new(env!("CARGO_BIN_EXE_echo")), args)
+}
+
+/// As [`run_echo`], for a prepared command (another binary, or a wrapper around one).
+pub fn run_to_exit(command: Command, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = spawn(command, args);
     let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
     if !exited {
         let _ = child.kill();
