@@ -296,6 +296,24 @@ fn taskserve_echo_is_the_same_program_and_speaks_under_its_own_name() {
 }
 
 #[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.args([
+        std::ffi::OsStr::new("--host"),
+        std::ffi::OsStr::from_bytes(b"\xff"),
+    ]);
+    let (code, stdout, stderr) = run_to_exit(command, &[]);
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("UTF-8") && stderr.contains("--help"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_port_in_use_is_one_line_on_stderr_and_exit_code_1() {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     let port = taken.local_addr().unwrap().port().to_string();

@@ -6,6 +6,7 @@
 //! The same program is also built as `taskserve-echo` (`src/bin/taskserve-echo.rs` calls this
 //! file's `main`), the name to install: an `echo` first on `PATH` would shadow the shell's.
 
+use std::ffi::OsString;
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
@@ -80,7 +81,8 @@ fn at_least_one(value: &str) -> Result<usize, String> {
 }
 
 pub fn main() -> ExitCode {
-    let strings: Vec<String> = std::env::args().collect();
+    // `args_os`: `std::env::args` panics on an argument that is not UTF-8.
+    let strings: Vec<OsString> = std::env::args_os().collect();
     let name = program_name(strings.first());
     let args = match parse_args(name, strings.get(1..).unwrap_or(&[])) {
         Ok(args) => args,
@@ -115,7 +117,7 @@ fn print_line(mut stream: impl Write, line: impl Display) -> io::Result<()> {
 
 /// The name the program was run as, which its messages use: `echo` under `cargo run --bin echo`,
 /// `taskserve-echo` once installed.
-fn program_name(argv0: Option<&String>) -> &str {
+fn program_name(argv0: Option<&OsString>) -> &str {
     argv0
         .and_then(|path| Path::new(path).file_name()?.to_str())
         .unwrap_or(env!("CARGO_BIN_NAME"))
@@ -123,22 +125,25 @@ fn program_name(argv0: Option<&String>) -> &str {
 
 /// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
 /// so that it differs from a failure to serve.
-fn parse_args(command: &str, args: &[String]) -> Result<Args, ExitCode> {
-    let rest = argh_spelling(args);
+fn parse_args(command: &str, args: &[OsString]) -> Result<Args, ExitCode> {
+    let usage_error = |message: &str| {
+        let help = format!("Run {command} --help for more information.");
+        let _ = print_line(io::stderr(), format_args!("{message}\n{help}"));
+        ExitCode::from(2)
+    };
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.to_str().map(String::from).ok_or(arg))
+        .collect::<Result<_, _>>()
+        .map_err(|bad| usage_error(&format!("Invalid argument {bad:?}: not valid UTF-8")))?;
+    let rest = argh_spelling(&args);
     let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     Args::from_args(&[command], &rest).map_err(|early| match early.status {
         Ok(()) => {
             let _ = print_line(io::stdout(), early.output);
             ExitCode::SUCCESS
         }
-        Err(()) => {
-            let usage = early.output.trim_end();
-            let _ = print_line(
-                io::stderr(),
-                format_args!("{usage}\nRun {command} --help for more information."),
-            );
-            ExitCode::from(2)
-        }
+        Err(()) => usage_error(early.output.trim_end()),
     })
 }
 
