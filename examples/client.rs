@@ -1,5 +1,6 @@
 //! A scripted client for the `GOT:` echo server: sends each line of stdin, one at a time, and
-//! prints the text of its reply once all of it has come back.
+//! prints the server's reply as it comes, `GOT:` and all (`hello` comes back as `GOT:hello`; a
+//! long line may come back in several chunks, each behind its own `GOT:`), before the next line.
 //!
 //! Start the server with `cargo run --bin echo`, then, in another terminal:
 //!
@@ -32,22 +33,22 @@ fn run(addr: &str) -> io::Result<()> {
     let mut line = Vec::new();
     while stdin.read_until(b'\n', &mut line)? > 0 {
         stream.write_all(&line)?;
-        read_reply(&mut replies, &line)?;
-        // The reply's payload matched the line byte for byte, so the line is its text.
-        stdout.write_all(&line)?;
+        // What the server said, not what was typed: the proof that it answered.
+        read_reply(&mut replies, &line, &mut stdout)?;
         stdout.flush()?;
         line.clear();
     }
     Ok(())
 }
 
-/// Reads the reply to `sent`: one or more `GOT:` + chunk, the chunks adding up to `sent`.
+/// Reads the reply to `sent`, one or more `GOT:` + chunk, the chunks adding up to `sent`, and
+/// copies each byte to `out` as it is read.
 ///
 /// Nothing marks where a chunk ends and a line may contain `GOT:` itself, so this follows every
 /// way to read the bytes so far: (payload bytes matched, state), the state counting the `GOT:`
 /// bytes read (0 to 4), then 5 once the chunk has a byte. A line ends at its only newline, so
 /// the first reading to match all of it is the one.
-fn read_reply(replies: &mut impl BufRead, sent: &[u8]) -> io::Result<()> {
+fn read_reply(replies: &mut impl BufRead, sent: &[u8], out: &mut impl Write) -> io::Result<()> {
     let mut readings = vec![(0, 0)];
     while !readings.contains(&(sent.len(), 5)) {
         let Some(&byte) = replies.fill_buf()?.first() else {
@@ -55,6 +56,7 @@ fn read_reply(replies: &mut impl BufRead, sent: &[u8]) -> io::Result<()> {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, closed));
         };
         replies.consume(1);
+        out.write_all(&[byte])?;
         let mut next = Vec::new();
         for &(matched, state) in &readings {
             if state < 4 && byte == b"GOT:"[state] {

@@ -3,10 +3,12 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
-use std::process::Command;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
 
-use common::{connect, eventually, round_trip, run_echo, worker_thread_names, EchoProcess};
+use common::{
+    connect, eventually, round_trip, run_echo, run_to_exit, worker_thread_names, EchoProcess,
+};
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
 /// stdout, and one line on stderr that starts with `prefix` (no panic, no backtrace); returns
@@ -64,6 +66,104 @@ fn log_of_one_client(args: &[&str]) -> (String, String) {
     (client_addr, log)
 }
 
+/// The write end of a pipe whose reader has gone, as in `echo | true` once `true` has exited:
+/// every write to it fails with EPIPE.
+fn pipe_nobody_reads() -> Stdio {
+    let mut reader = Command::new("true")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("run true");
+    let write_end = reader.stdin.take().expect("true's stdin");
+    reader.wait().expect("wait for true");
+    Stdio::from(write_end)
+}
+
+/// `echo` with `args`, its stdout and stderr pipes nobody reads, logging at debug so that it
+/// writes to them as much as it can.
+fn spawn_echo_into_closed_pipes(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_echo"))
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(pipe_nobody_reads())
+        .stderr(pipe_nobody_reads())
+        .spawn()
+        .expect("start the echo binary")
+}
+
+/// The TCP port process `pid` listens on, from the kernel's socket table: for a server whose
+/// stdout cannot tell.
+fn listening_port(pid: u32) -> Option<u16> {
+    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
+    table.lines().skip(1).find_map(|line| {
+        let columns: Vec<&str> = line.split_whitespace().collect();
+        let inode = columns.get(9)?;
+        if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
+            return None;
+        }
+        u16::from_str_radix(columns.get(1)?.split(':').nth(1)?, 16).ok()
+    })
+}
+
+#[test]
+fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
+    let mut child = spawn_echo_into_closed_pipes(&["--port", "0", "--threads", "1"]);
+    // An echo that dies at its first failed write may still show its port for a moment: then the
+    // client below is refused.
+    let (mut port, mut exit) = (None, None);
+    let settled = eventually(|| {
+        exit = child.try_wait().expect("wait for echo").map(|s| s.code());
+        port = listening_port(child.id());
+        exit.is_some() || port.is_some()
+    });
+    assert!(settled, "echo neither listened nor exited in time");
+    assert_eq!(
+        exit, None,
+        "echo exited (with this code) instead of serving"
+    );
+    let port = port.expect("the port echo listens on");
+    let mut echo = EchoProcess {
+        child,
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        listening: String::new(),
+    };
+    round_trip(&mut connect(echo.addr), b"Hello into the void\n");
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+}
+
+#[test]
+fn messages_into_a_closed_pipe_keep_their_exit_code() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let port = taken.local_addr().unwrap().port().to_string();
+    let cases: [(&[&str], i32); 4] = [
+        (&["--help"], 0),
+        (&["--version"], 0),
+        (&["--no-such-flag"], 2),
+        (&["--port", &port], 1),
+    ];
+    for (args, code) in cases {
+        let mut child = spawn_echo_into_closed_pipes(args);
+        let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait().expect("wait for echo");
+        assert!(exited, "echo {args:?} still ran after the patience");
+        // A panic would be 101.
+        assert_eq!(status.code(), Some(code), "exit code of echo {args:?}");
+    }
+}
+
 #[test]
 fn echo_prints_its_address_and_thread_count_and_answers_with_got() {
     let echo = EchoProcess::start(&["--threads", "3"]);
@@ -89,22 +189,49 @@ fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
         eprintln!("skipped: this machine has no IPv6 loopback");
         return;
     }
-    let echo = EchoProcess::start(&["--host", "::1", "--threads", "1"]);
-    assert!(echo.addr.is_ipv6(), "{}", echo.listening);
+    // Bare, and in brackets as the listening line prints it.
+    for host in ["::1", "[::1]"] {
+        let echo = EchoProcess::start(&["--host", host, "--threads", "1"]);
+        assert!(echo.addr.is_ipv6(), "{}", echo.listening);
+        assert_eq!(
+            echo.listening,
+            format!("listening on [::1]:{} (1 thread)", echo.addr.port())
+        );
+        let mut client = connect(echo.addr);
+        round_trip(&mut client, b"Hello over IPv6\n");
+    }
+}
+
+#[test]
+fn options_take_their_value_after_an_equals_sign() {
+    let echo = EchoProcess::start_as_given(
+        Command::new(env!("CARGO_BIN_EXE_echo")),
+        &[
+            "--port=0",
+            "--threads=1",
+            "--host=127.0.0.1",
+            "--idle-timeout=5",
+        ],
+    );
     assert_eq!(
         echo.listening,
-        format!("listening on [::1]:{} (1 thread)", echo.addr.port())
+        format!("listening on 127.0.0.1:{} (1 thread)", echo.addr.port())
     );
-    let mut client = connect(echo.addr);
-    round_trip(&mut client, b"Hello over IPv6\n");
+    round_trip(&mut connect(echo.addr), b"Hello\n");
 }
 
 #[test]
 fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--port", "65536"], "--port"),
         (&["--port", "abc"], "--port"),
+        (&["--port=abc"], "'--port' with value 'abc'"),
+        // A switch takes no value, with an equals sign or without.
+        (&["--quiet=yes"], "--quiet=yes"),
         (&["--threads", "0"], "--threads"),
+        (&["--threads", "1025"], "--threads"),
+        // Once, this started some 17,000 threads and aborted (exit 134).
+        (&["--threads", "100000"], "--threads"),
         (&["--max-connections", "0"], "--max-connections"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];
@@ -119,6 +246,71 @@ fn bad_flags_exit_2_with_a_usage_message_on_stderr() {
             "stderr of echo {args:?} does not point to --help: {stderr}"
         );
     }
+}
+
+#[test]
+fn threads_takes_up_to_1024_as_help_says() {
+    let echo = EchoProcess::start(&["--threads", "1024", "--quiet"]);
+    assert_eq!(
+        echo.listening,
+        format!("listening on 127.0.0.1:{} (1024 threads)", echo.addr.port())
+    );
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+    drop(echo);
+    let (code, help, _) = run_echo(&["--help"]);
+    assert_eq!(code, Some(0));
+    let threads = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("--threads"));
+    assert!(
+        threads.is_some_and(|l| l.contains("1 to 1024")),
+        "--help: {help}"
+    );
+}
+
+#[test]
+fn taskserve_echo_is_the_same_program_and_speaks_under_its_own_name() {
+    let bin = env!("CARGO_BIN_EXE_taskserve-echo");
+    let echo = EchoProcess::start_with(Command::new(bin), &["--threads", "1"]);
+    assert_eq!(
+        echo.listening,
+        format!("listening on 127.0.0.1:{} (1 thread)", echo.addr.port())
+    );
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+
+    let (code, stdout, _) = run_to_exit(Command::new(bin), &["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("taskserve-echo "), "{stdout}");
+    let (code, _, stderr) = run_to_exit(Command::new(bin), &["--no-such-flag"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("Run taskserve-echo --help"), "{stderr}");
+    let (code, _, stderr) = run_to_exit(
+        Command::new(bin),
+        &["--port", &echo.addr.port().to_string()],
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.starts_with("taskserve-echo: failed to bind"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.args([
+        std::ffi::OsStr::new("--host"),
+        std::ffi::OsStr::from_bytes(b"\xff"),
+    ]);
+    let (code, stdout, stderr) = run_to_exit(command, &[]);
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains("UTF-8") && stderr.contains("--help"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -153,6 +345,7 @@ fn help_documents_every_flag_and_exits_0() {
     let (code, stdout, stderr) = run_echo(&["--help"]);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert_eq!(stderr, "");
+    assert_eq!(run_echo(&["-h"]), (code, stdout.clone(), stderr), "-h");
     for flag in [
         "--threads",
         "--port",

@@ -2,19 +2,29 @@
 //!
 //! Parses flags, builds the server, prints the address it listens on, and serves until SIGINT or
 //! SIGTERM; everything else is the library's.
+//!
+//! The same program is also built as `taskserve-echo` (`src/bin/taskserve-echo.rs` calls this
+//! file's `main`), the name to install: an `echo` first on `PATH` would shadow the shell's.
 
+use std::ffi::OsString;
+use std::fmt::Display;
 use std::io::{self, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use argh::FromArgs;
+use argh::{ArgsInfo, FlagInfoKind, FromArgs};
 
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs, ArgsInfo, Debug)]
 struct Args {
-    /// worker threads that run the executor (default: the number of CPUs)
-    #[argh(option, default = "num_cpus::get()", from_str_fn(at_least_one))]
+    /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
+    #[argh(
+        option,
+        default = "num_cpus::get().min(MAX_THREADS)",
+        from_str_fn(thread_count)
+    )]
     threads: usize,
 
     /// TCP port to listen on; 0 picks a free one (default 25000)
@@ -22,7 +32,7 @@ struct Args {
     port: u16,
 
     /// address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or :: for all
-    /// interfaces)
+    /// interfaces; IPv6 with or without brackets)
     #[argh(option, default = "String::from(\"127.0.0.1\")")]
     host: String,
 
@@ -47,6 +57,21 @@ struct Args {
     version: bool,
 }
 
+/// The most `--threads` takes, as its help says. Above the core count threads only take turns on
+/// the cores (the largest machines have a few hundred), and each one costs a stack and a few
+/// memory mappings: about 17,000 of them exhaust the kernel's default limit on mappings
+/// (`vm.max_map_count`) and the process aborts while starting them. 1024 leaves room for any
+/// machine and is far from that.
+const MAX_THREADS: usize = 1024;
+
+fn thread_count(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
 fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse() {
         Ok(0) => Err("must be at least 1".into()),
@@ -55,13 +80,18 @@ fn at_least_one(value: &str) -> Result<usize, String> {
     }
 }
 
-fn main() -> ExitCode {
-    let args = match parse_args() {
+pub fn main() -> ExitCode {
+    // `args_os`: `std::env::args` panics on an argument that is not UTF-8.
+    let strings: Vec<OsString> = std::env::args_os().collect();
+    let name = program_name(strings.first());
+    let args = match parse_args(name, strings.get(1..).unwrap_or(&[])) {
         Ok(args) => args,
         Err(code) => return code,
     };
     if args.version {
-        println!("echo (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        let version = format!("{name} (taskserve) {}", env!("CARGO_PKG_VERSION"));
+        // As ripgrep does on a broken pipe: the reader has what it wanted, or did not want it.
+        let _ = print_line(io::stdout(), version);
         return ExitCode::SUCCESS;
     }
     let default_level = if args.quiet { "warn" } else { "info" };
@@ -70,33 +100,81 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("echo: {e}");
+            // Nowhere left to report a failure to report the failure: the exit code still says it.
+            let _ = print_line(io::stderr(), format_args!("{name}: {e}"));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Writes `line` and a newline to `stream`, flushed. `println!` and `eprintln!` would panic (exit
+/// code 101) when the stream is a pipe whose reader has gone: `echo | true`, or a script that
+/// stops reading once it has seen the listening line.
+fn print_line(mut stream: impl Write, line: impl Display) -> io::Result<()> {
+    writeln!(stream, "{line}")?;
+    stream.flush()
+}
+
+/// The name the program was run as, which its messages use: `echo` under `cargo run --bin echo`,
+/// `taskserve-echo` once installed.
+fn program_name(argv0: Option<&OsString>) -> &str {
+    argv0
+        .and_then(|path| Path::new(path).file_name()?.to_str())
+        .unwrap_or(env!("CARGO_BIN_NAME"))
+}
+
 /// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
 /// so that it differs from a failure to serve.
-fn parse_args() -> Result<Args, ExitCode> {
-    let strings: Vec<String> = std::env::args().collect();
-    let command = strings
-        .first()
-        .map_or("echo", |s| s.rsplit('/').next().unwrap_or(s));
-    let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
+fn parse_args(command: &str, args: &[OsString]) -> Result<Args, ExitCode> {
+    let usage_error = |message: &str| {
+        let help = format!("Run {command} --help for more information.");
+        let _ = print_line(io::stderr(), format_args!("{message}\n{help}"));
+        ExitCode::from(2)
+    };
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.to_str().map(String::from).ok_or(arg))
+        .collect::<Result<_, _>>()
+        .map_err(|bad| usage_error(&format!("Invalid argument {bad:?}: not valid UTF-8")))?;
+    let rest = argh_spelling(&args);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
     Args::from_args(&[command], &rest).map_err(|early| match early.status {
         Ok(()) => {
-            println!("{}", early.output);
+            let _ = print_line(io::stdout(), early.output);
             ExitCode::SUCCESS
         }
-        Err(()) => {
-            eprintln!(
-                "{}\nRun {command} --help for more information.",
-                early.output.trim_end()
-            );
-            ExitCode::from(2)
-        }
+        Err(()) => usage_error(early.output.trim_end()),
     })
+}
+
+/// Rewrites two spellings users type and argh rejects: `--name=value` for an option becomes
+/// `--name value`, and `-h` becomes `--help`. A switch keeps its `=` (`--quiet=no` stays an
+/// error), and an option's value is passed on as it is, even if it looks like a flag.
+fn argh_spelling(args: &[String]) -> Vec<String> {
+    let flags = Args::get_args_info().flags;
+    let is_option = |name: &str| {
+        flags
+            .iter()
+            .any(|flag| flag.long == name && matches!(flag.kind, FlagInfoKind::Option { .. }))
+    };
+    let mut spelled = Vec::with_capacity(args.len() + 1);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "-h" {
+            spelled.push("--help".to_string());
+        } else if is_option(arg) {
+            spelled.push(arg.clone());
+            spelled.extend(args.next().cloned());
+        } else {
+            match arg.split_once('=') {
+                Some((name, value)) if is_option(name) => {
+                    spelled.extend([name.to_string(), value.to_string()]);
+                }
+                _ => spelled.push(arg.clone()),
+            }
+        }
+    }
+    spelled
 }
 
 fn run(args: &Args) -> io::Result<()> {
@@ -111,23 +189,32 @@ fn run(args: &Args) -> io::Result<()> {
         .stop_on_signals(true)
         .start(&addrs[..], taskserve::echo)?;
     // On stdout whatever the log level, and flushed: scripts wait for this line.
-    let mut stdout = io::stdout().lock();
     let threads = server.threads();
     let plural = if threads == 1 { "" } else { "s" };
-    writeln!(
-        stdout,
+    let listening = format!(
         "listening on {} ({threads} thread{plural})",
         server.local_addr()
-    )?;
-    stdout.flush()?;
-    drop(stdout);
+    );
+    // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe because
+    // its output is its whole job and nobody wants it any more; a server's job is the network,
+    // and stdout only announces the address to whoever started it, who may stop reading once
+    // they have it (`grep -m1`), or never read. So the line is dropped, the failure logged (the
+    // logger drops its own lines just as quietly when stderr is closed), and serving goes on.
+    if let Err(e) = print_line(io::stdout(), &listening) {
+        log::warn!("cannot print '{listening}' on stdout: {e}; serving anyway");
+    }
     server.wait();
     Ok(())
 }
 
 fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     // A bare IPv6 address such as `::1` is not `host:port` syntax; try it as an address first.
-    if let Ok(ip) = host.parse() {
+    // In brackets too, as the listening line prints it (`[::1]:25000`).
+    let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(bracketed) => bracketed.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+        None => host.parse().ok(),
+    };
+    if let Some(ip) = ip {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     (host, port)

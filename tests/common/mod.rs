@@ -146,6 +146,12 @@ impl EchoProcess {
     /// once the pipe's 64 KiB are full.
     pub fn start_with(mut command: Command, args: &[&str]) -> EchoProcess {
         command.args(["--port", "0"]);
+        Self::start_as_given(command, args)
+    }
+
+    /// As [`EchoProcess::start_with`], without adding `--port 0`: `args` must choose port 0
+    /// themselves, however they spell it.
+    pub fn start_as_given(command: Command, args: &[&str]) -> EchoProcess {
         let mut child = spawn(command, args);
         let mut listening = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -227,7 +233,12 @@ fn spawn(mut command: Command, args: &[&str]) -> Child {
 /// and stderr. A bug that leaves it serving (a bind that should fail and does not) fails the
 /// test after [`PATIENCE`] instead of hanging it.
 pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = spawn(Command::new(env!("CARGO_BIN_EXE_echo")), args);
+    run_to_exit(Command::new(env!("CARGO_BIN_EXE_echo")), args)
+}
+
+/// As [`run_echo`], for a prepared command (another binary, or a wrapper around one).
+pub fn run_to_exit(command: Command, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut child = spawn(command, args);
     let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
     if !exited {
         let _ = child.kill();
