@@ -438,3 +438,119 @@ fn bad_certificate_or_key_files_are_errors_naming_the_file_and_the_cause() {
         println!("{case}: {e} ({:?})", e.kind());
     }
 }
+
+/// Reads `stream` to its end; the error, if any, is what the client saw at the close (rustls
+/// reports a close without close_notify as UnexpectedEof).
+fn read_to_close(stream: &mut TlsStream) -> (Vec<u8>, io::Result<usize>) {
+    let mut received = Vec::new();
+    let outcome = io::Read::read_to_end(stream, &mut received);
+    (received, outcome)
+}
+
+#[test]
+fn a_tls_handler_that_writes_and_returns_closes_with_close_notify() {
+    use taskserve::io::AsyncWriteExt;
+
+    let files = TlsFiles::new();
+    let server = Server::builder()
+        .threads(2)
+        .listen_tls("127.0.0.1:0", files.config())
+        .start_listeners(|mut conn: taskserve::Connection| async move {
+            conn.write_all(b"hello, and goodbye\n").await
+        })
+        .unwrap();
+    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let (received, outcome) = read_to_close(&mut client);
+    assert_eq!(received, b"hello, and goodbye\n");
+    outcome.expect("a clean close, with close_notify");
+}
+
+/// Starts a TLS server built by `builder` whose handler writes until a write would wait (the
+/// socket's buffers are full, and so is rustls's, which holds what was written last), reports
+/// how many bytes its writes accepted, and returns, as a handler whose reply is written does.
+fn start_filling_tls_server(
+    files: &TlsFiles,
+    builder: taskserve::Builder,
+) -> (Server, mpsc::Receiver<usize>) {
+    use taskserve::io::AsyncWriteExt;
+
+    let (report, written) = mpsc::channel();
+    let report = std::sync::Mutex::new(report);
+    let server = builder
+        .threads(2)
+        .listen_tls("127.0.0.1:0", files.config())
+        .start_listeners(move |mut conn: taskserve::Connection| {
+            let report = report.lock().unwrap().clone();
+            async move {
+                let chunk = vec![b'x'; 16 * 1024];
+                let mut accepted = 0;
+                // Bounded: the buffers fill within a few MiB.
+                for _ in 0..10_000 {
+                    match smol::future::poll_once(conn.write(&chunk)).await {
+                        Some(written) => accepted += written?,
+                        None => break,
+                    }
+                }
+                let _ = report.send(accepted);
+                Ok(())
+            }
+        })
+        .unwrap();
+    (server, written)
+}
+
+#[test]
+fn a_tls_handler_that_returns_while_its_client_reads_nothing_loses_no_byte() {
+    let files = TlsFiles::new();
+    let (server, written) = start_filling_tls_server(&files, Server::builder());
+    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    // The client reads only once the handler has returned.
+    let accepted = written.recv_timeout(PATIENCE).expect("the handler returns");
+    let (received, outcome) = read_to_close(&mut client);
+    println!(
+        "accepted {accepted} bytes; the client received {}: {outcome:?}",
+        received.len()
+    );
+    assert_eq!(received.len(), accepted, "bytes lost at the close");
+    outcome.expect("a clean close, with close_notify");
+}
+
+#[test]
+fn a_tls_client_that_sends_close_notify_gets_every_reply_then_close_notify() {
+    let files = TlsFiles::new();
+    let server = start_tls_echo(Server::builder(), files.config());
+    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let message = payload(64 * 1024);
+    client.write_all(&message).unwrap();
+    client.conn.send_close_notify();
+    client.flush().unwrap();
+    let (received, outcome) = read_to_close(&mut client);
+    let mut echoed = Vec::new();
+    Unprefixer::default().feed(&received, &mut echoed);
+    assert!(echoed == message, "the replies differ from what was sent");
+    outcome.expect("a clean close, with close_notify");
+}
+
+#[test]
+fn a_tls_client_that_never_reads_its_last_replies_is_dropped_at_the_close_deadline() {
+    const DEADLINE: Duration = Duration::from_millis(500);
+    let files = TlsFiles::new();
+    // No idle timeout: only the close deadline ends the connection.
+    let builder = Server::builder()
+        .idle_timeout(None)
+        .tls_handshake_timeout(DEADLINE);
+    let (server, written) = start_filling_tls_server(&files, builder);
+    let _client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    written.recv_timeout(PATIENCE).expect("the handler returns");
+    let returned = Instant::now();
+    assert!(
+        eventually(|| server.connections() == 0),
+        "a client that reads nothing still holds its connection"
+    );
+    let held = returned.elapsed();
+    println!("held {held:?} after the handler returned");
+    assert!(
+        held < DEADLINE + Duration::from_secs(5),
+        "held for {held:?}"
+    );
+}
