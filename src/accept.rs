@@ -120,8 +120,9 @@ where
     }
 }
 
-/// What a new connection's task runs: on a TLS listener the handshake, then the handler; on
-/// the others the handler at once. `None` if the handler panicked before returning its future.
+/// What a new connection's task runs: on a TLS listener the handshake, the handler, then the
+/// TLS close; on the others the handler alone. `None` if the handler panicked before returning
+/// its future.
 fn stages<H, F>(
     listener: &Listener,
     shared: &Arc<Shared<H>>,
@@ -137,18 +138,16 @@ where
     if let Some(tls) = listener.tls() {
         let (tls, shared, peer) = (tls.clone(), Arc::clone(shared), peer.clone());
         let timeout = shared.handshake_timeout;
-        // Inside the connection's task, with its own deadline: a slow client delays no one.
-        let prepare = async move {
-            let (stream, info) = crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
-            Some((shared.handler)(Connection::new(
-                stream,
-                info,
-                shared.stop.clone(),
-            )))
+        // Inside the connection's task, with its own deadlines: a slow client delays no one.
+        let run = async move {
+            let (stream, info, closing) =
+                crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
+            let connection = Connection::new(stream, info, shared.stop.clone());
+            let outcome = (shared.handler)(connection).await;
+            closing.close(timeout, &peer).await;
+            Some(outcome)
         };
-        return Some(Stage::Preparing {
-            prepare: Box::pin(prepare),
-        });
+        return Some(Stage::Staged { run: Box::pin(run) });
     }
     #[cfg(not(feature = "tls"))]
     let _ = listener;

@@ -50,7 +50,7 @@ pub(crate) enum Stream {
     #[cfg(unix)]
     Unix(async_net::unix::UnixStream),
     #[cfg(feature = "tls")]
-    Tls(Box<futures_rustls::server::TlsStream<async_net::TcpStream>>),
+    Tls(Box<crate::tls::TlsSession>),
 }
 
 impl Connection {

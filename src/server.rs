@@ -195,6 +195,8 @@ impl Builder {
 
     /// How long a TLS client may take over its handshake before it is closed (default 10 s).
     /// A client that sends nothing, half a handshake or plaintext delays no one else meanwhile.
+    /// Once its handler has returned, a client has as long again to take the replies still
+    /// buffered and the TLS close (close_notify) before its connection is dropped.
     #[cfg(feature = "tls")]
     pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.tls_handshake_timeout = timeout;

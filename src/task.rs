@@ -52,17 +52,18 @@ impl fmt::Display for Peer {
     }
 }
 
-/// The stages before the handler runs, ending in its future; `None` when the connection ends
-/// there (the stage logs why).
-pub(crate) type Prepare<F> = Pin<Box<dyn Future<Output = Option<F>> + Send>>;
+/// A connection's whole run when stages surround its handler (a TLS handshake before it, the
+/// TLS close after it); `None` when a stage ended the connection before the handler ran (the
+/// stage logs why).
+pub(crate) type Staged = Pin<Box<dyn Future<Output = Option<io::Result<()>>> + Send>>;
 
 pin_project! {
-    /// What a connection's task runs: the stages before the handler (a TLS handshake), which
-    /// then make the handler's future; or the handler's future at once, for a plain
-    /// connection, which so pays nothing for stages it does not have.
+    /// What a connection's task runs: the handler within its stages (a TLS handshake, then the
+    /// TLS close), boxed; or the handler's future alone, for a plain connection, which so pays
+    /// nothing for stages it does not have.
     #[project = StageProj]
     pub(crate) enum Stage<F> {
-        Preparing { prepare: Prepare<F> },
+        Staged { run: Staged },
         Serving { #[pin] handler: F },
     }
 }
@@ -71,16 +72,10 @@ impl<F: Future<Output = io::Result<()>>> Future for Stage<F> {
     /// `None` when a stage ended the connection before the handler ran.
     type Output = Option<io::Result<()>>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            match self.as_mut().project() {
-                StageProj::Preparing { prepare } => match prepare.as_mut().poll(cx) {
-                    Poll::Ready(Some(handler)) => self.set(Stage::Serving { handler }),
-                    Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Pending => return Poll::Pending,
-                },
-                StageProj::Serving { handler } => return handler.poll(cx).map(Some),
-            }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            StageProj::Staged { run } => run.as_mut().poll(cx),
+            StageProj::Serving { handler } => handler.poll(cx).map(Some),
         }
     }
 }

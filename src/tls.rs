@@ -1,10 +1,13 @@
 //! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable),
-//! and the handshake, one stage of a connection's task with its own deadline.
+//! the handshake and the close, stages of a connection's task around its handler, each with
+//! its own deadline.
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_rustls::pki_types::pem::PemObject;
@@ -14,6 +17,7 @@ use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
 use futures_rustls::TlsAcceptor;
 use log::debug;
 use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use smol::Timer;
 
 use crate::connection::{ConnectionInfo, Stream, TlsInfo, Transport};
@@ -226,15 +230,16 @@ fn invalid_data(message: String) -> io::Error {
 }
 
 /// The TLS handshake of one connection, within `timeout`: the stream then becomes the
-/// decrypted one, and `info` learns what was settled. `None`, with the reason logged at debug,
-/// when the client fails it, sends something else, or takes too long.
+/// decrypted one, `info` learns what was settled, and [`Closing`] ends the session once the
+/// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
+/// sends something else, or takes too long.
 pub(crate) async fn handshake(
     stream: Stream,
     mut info: ConnectionInfo,
     tls: &TlsConfig,
     timeout: Duration,
     peer: &Peer,
-) -> Option<(Stream, ConnectionInfo)> {
+) -> Option<(Stream, ConnectionInfo, Closing)> {
     let Stream::Tcp(tcp) = stream else {
         debug!("{peer}: TLS over anything but TCP is not supported");
         return None;
@@ -264,7 +269,120 @@ pub(crate) async fn handshake(
             .and_then(|chain| chain.first())
             .and_then(|cert| subject(cert)),
     });
-    Some((Stream::Tls(Box::new(stream)), info))
+    let closing = Closing::default();
+    let session = TlsSession {
+        stream: Some(Box::new(stream)),
+        closing: closing.clone(),
+    };
+    Some((Stream::Tls(Box::new(session)), info, closing))
+}
+
+/// A server-side TLS stream over TCP.
+type ServerStream = futures_rustls::server::TlsStream<async_net::TcpStream>;
+
+/// A TLS session as its handler holds it. Dropped, it hands its stream back to the connection's
+/// task ([`Closing::close`]), because ending a session takes more than a drop can do: what the
+/// handler wrote last may still be in rustls's buffer, waiting for room in the socket, and the
+/// client is owed a close_notify. (A TCP socket needs none of this: after a close, the kernel
+/// sends what it still holds.)
+pub(crate) struct TlsSession {
+    /// `Some` until dropped.
+    stream: Option<Box<ServerStream>>,
+    closing: Closing,
+}
+
+impl TlsSession {
+    fn stream(&mut self) -> Pin<&mut ServerStream> {
+        Pin::new(
+            self.stream
+                .as_mut()
+                .expect("a TlsSession has its stream until dropped"),
+        )
+    }
+}
+
+impl Drop for TlsSession {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            *self
+                .closing
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(stream);
+        }
+    }
+}
+
+impl AsyncRead for TlsSession {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream().poll_read(cx, buf)
+    }
+
+    fn poll_read_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream().poll_read_vectored(cx, bufs)
+    }
+}
+
+impl AsyncWrite for TlsSession {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().stream().poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().stream().poll_close(cx)
+    }
+}
+
+/// Where a [`TlsSession`] leaves its stream when dropped, for the connection's task to end the
+/// session after the handler.
+#[derive(Clone, Default)]
+pub(crate) struct Closing(Arc<Mutex<Option<Box<ServerStream>>>>);
+
+impl Closing {
+    /// Sends what rustls still buffers, then close_notify, and shuts the socket's sending side,
+    /// within `timeout`: a client that reads nothing is not waited for longer. Nothing to do if
+    /// the handler did not drop its session (it handed it to another task) or closed it already.
+    pub(crate) async fn close(self, timeout: Duration, peer: &Peer) {
+        let stream = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some(mut stream) = stream else {
+            return;
+        };
+        let deadline = async {
+            Timer::after(timeout).await;
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("not closed within {timeout:?}"),
+            ))
+        };
+        // An error means the client left first or did not read: nothing more to do for it.
+        if let Err(e) = stream.close().or(deadline).await {
+            debug!("{peer}: TLS close: {e}");
+        }
+    }
 }
 
 /// A certificate's subject as people write it: `CN=alice, O=Example`.

@@ -301,6 +301,16 @@ fn start_rejects_zero_threads_connections_or_idle_timeout() {
 }
 
 #[test]
+fn start_listeners_without_a_listener_is_invalid_input() {
+    let e = Server::builder()
+        .threads(2)
+        .start_listeners(taskserve::echo)
+        .expect_err("nothing to listen on");
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(e.to_string(), "no listener to start");
+}
+
+#[test]
 fn start_on_a_port_in_use_fails_with_addr_in_use_naming_the_address() {
     // Occupied by another taskserve server: both sockets allow address reuse, which must still
     // not let two servers share a port.

@@ -2,12 +2,20 @@
 //! binary), clients with time limits, and a reader that checks `GOT:` replies byte for byte.
 #![allow(dead_code)] // each test file uses its own part of this module
 
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
-use taskserve::{Builder, Server};
+use taskserve::{Builder, Connection, ConnectionInfo, Server};
+
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -22,6 +30,22 @@ pub fn start_echo_with(builder: Builder) -> Server {
     builder
         .start("127.0.0.1:0", taskserve::echo)
         .expect("server starts on an ephemeral port")
+}
+
+/// What [`reporting_echo`]'s handler returns.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+/// A handler that sends each connection's [`ConnectionInfo`] to `report`, then runs
+/// [`taskserve::echo`]: one handler for every listener, which tells the test what it saw.
+pub fn reporting_echo(
+    report: mpsc::Sender<ConnectionInfo>,
+) -> impl Fn(Connection) -> HandlerFuture + Send + Sync + 'static {
+    let report = Mutex::new(report);
+    move |conn: Connection| {
+        // The test may have stopped listening: that is its business.
+        let _ = report.lock().unwrap().send(conn.info().clone());
+        Box::pin(taskserve::echo(conn))
+    }
 }
 
 /// Connects to `addr` with read and write timeouts of [`PATIENCE`].
@@ -124,6 +148,76 @@ pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
     false
+}
+
+/// Reads from `stream`, discarding what comes (a TLS alert, say), until the server closes it:
+/// end of file or a reset. Returns how long that took, or an error if it did not happen
+/// within `limit` (the stream's read timeout is set to it).
+pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Duration> {
+    let start = Instant::now();
+    let mut buf = [0; 4096];
+    // At most 1,000 reads: a server that keeps talking is not closing.
+    for _ in 0..1000 {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(start.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(start.elapsed()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("still open after {:?}", start.elapsed()),
+    ))
+}
+
+/// A directory of its own under the system's temporary directory, removed with what is in it
+/// when dropped: for socket paths and certificate files.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        // Short, as a Unix socket's path must be (about 100 bytes).
+        let path = std::env::temp_dir().join(format!(
+            "taskserve-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Left over from an earlier run with the same process id.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).expect("create a temporary directory");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The `echo` binary, running: killed when dropped.

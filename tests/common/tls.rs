@@ -1,0 +1,225 @@
+//! TLS for the tests: a certificate authority made at test time, the certificates it signs (a
+//! server's for `localhost` and `127.0.0.1`, clients' by common name), PEM files for them in a
+//! temporary directory, and a blocking rustls client that trusts the test CA.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use taskserve::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use taskserve::rustls::{self, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use taskserve::{Server, TlsConfig};
+
+use super::{connect, TempDir};
+
+/// A TLS client connection over a blocking TCP stream.
+pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
+
+/// A certificate authority of the tests' own.
+pub struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+/// A certificate and its private key, in DER and PEM.
+#[derive(Clone)]
+pub struct Pair {
+    pub cert: CertificateDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Pair {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("a key rcgen made")
+    }
+}
+
+impl Ca {
+    /// A new CA whose subject is `CN={name}`.
+    pub fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("generate the CA's key");
+        Ca(CertifiedIssuer::self_signed(params, key).expect("self-sign the CA"))
+    }
+
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        self.0.der()
+    }
+
+    /// The CA's certificate in PEM, as a client CA file holds it.
+    pub fn cert_pem(&self) -> String {
+        self.0.pem()
+    }
+
+    /// A server certificate for `localhost` and `127.0.0.1`, with a new key.
+    pub fn server_pair(&self) -> Pair {
+        let mut params = CertificateParams::new(["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("valid names");
+        params.distinguished_name = common_name("localhost");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate whose subject is `CN={name}`, with a new key.
+    pub fn client_pair(&self, name: &str) -> Pair {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> Pair {
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("generate a key");
+        let cert = params.signed_by(&key, &self.0).expect("sign");
+        Pair {
+            cert: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+fn common_name(name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn
+}
+
+/// Writes `pair` to `{name}.pem` and `{name}.key` in `dir`; returns the two paths.
+pub fn write_pair(dir: &TempDir, name: &str, pair: &Pair) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(&format!("{name}.pem")),
+        dir.join(&format!("{name}.key")),
+    );
+    std::fs::write(&cert, &pair.cert_pem).expect("write the certificate");
+    std::fs::write(&key, &pair.key_pem).expect("write the key");
+    (cert, key)
+}
+
+/// A test CA, a server certificate it signed written to PEM files, and the temporary directory
+/// that holds them.
+pub struct TlsFiles {
+    pub ca: Ca,
+    pub server: Pair,
+    pub dir: TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn new() -> TlsFiles {
+        let ca = Ca::new("taskserve test CA");
+        let server = ca.server_pair();
+        let dir = TempDir::new();
+        let (cert, key) = write_pair(&dir, "server", &server);
+        TlsFiles {
+            ca,
+            server,
+            dir,
+            cert,
+            key,
+        }
+    }
+
+    /// The server's configuration, read from the files.
+    pub fn config(&self) -> TlsConfig {
+        TlsConfig::from_pem_files(&self.cert, &self.key).expect("load the test certificate")
+    }
+
+    /// A client that trusts the test CA and has no certificate.
+    pub fn client(&self) -> Arc<ClientConfig> {
+        client_config(&self.ca, None, &[])
+    }
+}
+
+/// Starts an echo server with two threads and one TLS listener on `127.0.0.1:0`, built by
+/// `builder`.
+pub fn start_tls_echo(builder: taskserve::Builder, tls: TlsConfig) -> Server {
+    builder
+        .threads(2)
+        .listen_tls("127.0.0.1:0", tls)
+        .start_listeners(taskserve::echo)
+        .expect("TLS server starts on an ephemeral port")
+}
+
+/// A client configuration trusting `ca`, presenting `client_cert` if given and offering `alpn`.
+pub fn client_config(ca: &Ca, client_cert: Option<&Pair>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert().clone()).expect("trust the test CA");
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(roots);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(pair) => builder
+            .with_client_auth_cert(vec![pair.cert.clone()], pair.key())
+            .expect("a usable client certificate"),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Connects to `addr` (with the timeouts of [`connect`]), asking for `server_name`, and
+/// completes the client's side of the handshake.
+///
+/// With TLS 1.3 the client is done before the server has checked a client certificate: a
+/// server that refuses it says so with an alert that the first read returns as an error.
+pub fn tls_connect(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    server_name: &str,
+) -> io::Result<TlsStream> {
+    let mut tcp = connect(addr);
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
+    // One call runs the handshake to its end, each read bounded by the socket's timeout.
+    conn.complete_io(&mut tcp)?;
+    if conn.is_handshaking() {
+        return Err(io::Error::other("handshake not complete"));
+    }
+    Ok(StreamOwned::new(conn, tcp))
+}
+
+/// The certificate the server presented on `stream`.
+pub fn server_cert(stream: &TlsStream) -> CertificateDer<'static> {
+    stream
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .expect("the server sent a certificate")
+        .clone()
+        .into_owned()
+}
+
+/// The first bytes a client with `config` sends: its ClientHello, as TLS records.
+pub fn client_hello(config: &Arc<ClientConfig>) -> Vec<u8> {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(Arc::clone(config), name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    hello
+}
+
+/// Sends `message` (made by [`super::payload`], or free of `G`) over TLS and checks that exactly
+/// it comes back.
+pub fn tls_round_trip(stream: &mut TlsStream, message: &[u8]) -> io::Result<()> {
+    stream.write_all(message)?;
+    stream.flush()?;
+    let echoed = super::read_payload(stream, message.len())?;
+    assert!(echoed == message, "the reply differs from what was sent");
+    Ok(())
+}
