@@ -135,6 +135,7 @@ fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
         child,
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         listening: String::new(),
+        stdout: None,
     };
     round_trip(&mut connect(echo.addr), b"Hello into the void\n");
     echo.signal("TERM");

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use std::fmt::Display;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -48,6 +48,37 @@ struct Args {
     #[argh(option, default = "10")]
     shutdown_timeout: u64,
 
+    /// PEM file with the TLS certificate chain, server certificate first: with --tls-key, the
+    /// --port listener speaks TLS (or, with --tls-port, a listener of its own)
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM file with the certificate's private key (PKCS#8, RSA or SEC1)
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
+
+    /// also listen for TLS on this port, and keep --port plain TCP
+    #[argh(option)]
+    tls_port: Option<u16>,
+
+    /// PEM file with the CA certificates that client certificates must be signed by: clients
+    /// without such a certificate are refused in the handshake
+    #[argh(option)]
+    tls_client_ca: Option<PathBuf>,
+
+    /// seconds a TLS client may take over its handshake before it is closed (default 10)
+    #[argh(option, default = "10", from_str_fn(at_least_one_u64))]
+    tls_handshake_timeout: u64,
+
+    /// also listen on a Unix socket at this path (a stale socket file left by a crash is
+    /// replaced; the file is removed at exit)
+    #[argh(option)]
+    unix: Option<PathBuf>,
+
+    /// no plain TCP listener on --port: serve only --unix and --tls-port
+    #[argh(switch)]
+    no_tcp: bool,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -70,6 +101,10 @@ fn thread_count(value: &str) -> Result<usize, String> {
         Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
         Err(e) => Err(format!("{e}")),
     }
+}
+
+fn at_least_one_u64(value: &str) -> Result<u64, String> {
+    at_least_one(value).map(|n| n as u64)
 }
 
 fn at_least_one(value: &str) -> Result<usize, String> {
@@ -179,32 +214,119 @@ fn argh_spelling(args: &[String]) -> Vec<String> {
 
 fn run(args: &Args) -> io::Result<()> {
     raise_open_file_limit(args.max_connections);
-    let addrs = resolve(&args.host, args.port)?;
-    let server = taskserve::Server::builder()
+    let tls = tls_config(args)?;
+    let mut builder = taskserve::Server::builder()
         .threads(args.threads)
         .max_connections(args.max_connections)
         .idle_timeout(seconds_or_never(args.idle_timeout))
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
-        // Installed before the listening line is printed: a script may signal right after it.
-        .stop_on_signals(true)
-        .start(&addrs[..], taskserve::echo)?;
-    // On stdout whatever the log level, and flushed: scripts wait for this line.
-    let threads = server.threads();
-    let plural = if threads == 1 { "" } else { "s" };
-    let listening = format!(
-        "listening on {} ({threads} thread{plural})",
-        server.local_addr()
-    );
-    // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe because
-    // its output is its whole job and nobody wants it any more; a server's job is the network,
-    // and stdout only announces the address to whoever started it, who may stop reading once
-    // they have it (`grep -m1`), or never read. So the line is dropped, the failure logged (the
-    // logger drops its own lines just as quietly when stderr is closed), and serving goes on.
-    if let Err(e) = print_line(io::stdout(), &listening) {
-        log::warn!("cannot print '{listening}' on stdout: {e}; serving anyway");
+        .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
+        // Installed before the listening lines are printed: a script may signal right after.
+        .stop_on_signals(true);
+    if !args.no_tcp {
+        let addrs = resolve(&args.host, args.port)?;
+        builder = match (&tls, args.tls_port) {
+            (Some(tls), None) => builder.listen_tls(&addrs[..], tls.clone()),
+            _ => builder.listen_tcp(&addrs[..]),
+        };
+    }
+    if let (Some(tls), Some(port)) = (&tls, args.tls_port) {
+        builder = builder.listen_tls(&resolve(&args.host, port)?[..], tls.clone());
+    }
+    if let Some(path) = &args.unix {
+        builder = listen_unix(builder, path)?;
+    }
+    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
+        return Err(usage(
+            "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
+        ));
+    }
+    let server = builder.start_listeners(taskserve::echo)?;
+    for line in listening_lines(&server) {
+        // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe
+        // because its output is its whole job and nobody wants it any more; a server's job is
+        // the network, and stdout only announces the address to whoever started it, who may
+        // stop reading once they have it (`grep -m1`), or never read. So the line is dropped,
+        // the failure logged (the logger drops its own lines just as quietly when stderr is
+        // closed), and serving goes on.
+        if let Err(e) = print_line(io::stdout(), &line) {
+            log::warn!("cannot print '{line}' on stdout: {e}; serving anyway");
+        }
     }
     server.wait();
     Ok(())
+}
+
+/// One line per listener, on stdout whatever the log level, all printed before serving:
+/// `listening on 127.0.0.1:25000 (4 threads)` first, in the form scripts parse, then
+/// `listening on 127.0.0.1:25443 (tls)` or `listening on /run/echo.sock (unix)`.
+fn listening_lines(server: &taskserve::Server) -> Vec<String> {
+    let threads = server.threads();
+    let threads = format!("{threads} thread{}", if threads == 1 { "" } else { "s" });
+    server
+        .local_addrs()
+        .iter()
+        .enumerate()
+        .map(|(n, (addr, transport))| {
+            let mut notes = Vec::new();
+            if *transport != taskserve::Transport::Tcp {
+                notes.push(transport.to_string());
+            }
+            if n == 0 {
+                notes.push(threads.clone());
+            }
+            format!("listening on {addr} ({})", notes.join(", "))
+        })
+        .collect()
+}
+
+/// The TLS configuration the flags ask for, if any; each file is read (and checked) now, so
+/// that a bad one is an error at start, not at the first client.
+fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(usage(
+                "--tls-cert needs --tls-key, the certificate's private key",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(usage(
+                "--tls-key needs --tls-cert, the certificate it is for",
+            ))
+        }
+        (None, None) => {
+            if args.tls_port.is_some() || args.tls_client_ca.is_some() {
+                return Err(usage(
+                    "--tls-port and --tls-client-ca need --tls-cert and --tls-key",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let mut tls = taskserve::TlsConfig::from_pem_files(cert, key)?;
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.with_client_ca_file(ca)?;
+    }
+    Ok(Some(tls))
+}
+
+#[cfg(unix)]
+fn listen_unix(builder: taskserve::Builder, path: &Path) -> io::Result<taskserve::Builder> {
+    Ok(builder.listen_unix(path))
+}
+
+#[cfg(not(unix))]
+fn listen_unix(_: taskserve::Builder, _: &Path) -> io::Result<taskserve::Builder> {
+    Err(usage(
+        "--unix: Unix sockets are not available on this system",
+    ))
+}
+
+/// A combination of flags that cannot work: one line, and exit code 1 like any failure to
+/// start.
+fn usage(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
 fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {

@@ -7,7 +7,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
@@ -226,6 +226,8 @@ pub struct EchoProcess {
     pub addr: SocketAddr,
     /// The line it printed, `listening on ADDR (N threads)`.
     pub listening: String,
+    /// The rest of its stdout: the other listeners' lines (`None` if not piped).
+    pub stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl EchoProcess {
@@ -248,7 +250,8 @@ impl EchoProcess {
     pub fn start_as_given(command: Command, args: &[&str]) -> EchoProcess {
         let mut child = spawn(command, args);
         let mut listening = String::new();
-        BufReader::new(child.stdout.take().unwrap())
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout
             .read_line(&mut listening)
             .expect("read the listening line");
         let addr = listening
@@ -260,7 +263,16 @@ impl EchoProcess {
             child,
             addr,
             listening: listening.trim_end().to_string(),
+            stdout: Some(stdout),
         }
+    }
+
+    /// The next line it printed on stdout, without its newline.
+    pub fn next_line(&mut self) -> String {
+        let mut line = String::new();
+        let stdout = self.stdout.as_mut().expect("stdout piped");
+        stdout.read_line(&mut line).expect("read stdout");
+        line.trim_end().to_string()
     }
 
     /// Its stderr, where the log goes.

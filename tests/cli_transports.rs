@@ -1,0 +1,273 @@
+//! The `echo` binary over TLS and Unix sockets, with the clients users have: openssl s_client,
+//! socat, ncat and Python's ssl module (installed by `.ci/run`), and a rustls client.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::tls::{server_cert, tls_connect, tls_round_trip, write_pair, TlsFiles};
+use common::*;
+
+/// `echo` with the test certificate on its `--port` listener, and `extra` flags.
+fn start_tls_echo(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
+    let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
+    let mut args = vec!["--threads", "2", "--tls-cert", cert, "--tls-key", key];
+    args.extend_from_slice(extra);
+    EchoProcess::start(&args)
+}
+
+/// Runs `program` with `args`, writes `Hello\n` to it, and returns once it has printed
+/// `GOT:Hello` (or fails after [`PATIENCE`]); then ends it. The way a user tries a client by
+/// hand: type a line, see the reply.
+fn client_gets_its_reply(program: &str, args: &[&str]) {
+    let mut client = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (.ci/run installs it): {e}"));
+    client
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"Hello\n")
+        .unwrap();
+    let stdout = client.stdout.take().unwrap();
+    let (lines, got) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    let answered = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match got.recv_timeout(left) {
+            Ok(line) if line.trim_end() == "GOT:Hello" => break true,
+            Ok(line) => seen.push(line),
+            Err(_) => break false,
+        }
+    };
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(answered, "{program}: no GOT:Hello in {seen:?}");
+}
+
+#[test]
+fn echo_over_tls_answers_openssl_socat_ncat_and_python() {
+    let files = TlsFiles::new();
+    let mut echo = start_tls_echo(&files, &[]);
+    assert!(
+        echo.listening.ends_with("(tls, 2 threads)"),
+        "{}",
+        echo.listening
+    );
+    let ca = files.dir.join("ca.pem");
+    std::fs::write(&ca, files.ca.cert_pem()).unwrap();
+    let (ca, port) = (ca.to_str().unwrap(), echo.addr.port().to_string());
+    let addr = format!("127.0.0.1:{port}");
+    let openssl = [
+        "s_client",
+        "-connect",
+        &addr,
+        "-CAfile",
+        ca,
+        "-verify_return_error",
+        "-quiet",
+    ];
+    client_gets_its_reply("openssl", &openssl);
+    client_gets_its_reply("socat", &["-", &format!("OPENSSL:{addr},cafile={ca}")]);
+    // ncat checks the certificate against a host name only, not an IP address.
+    let ncat = [
+        "--ssl",
+        "--ssl-verify",
+        "--ssl-trustfile",
+        ca,
+        "localhost",
+        &port,
+    ];
+    client_gets_its_reply("ncat", &ncat);
+    let python = format!(
+        "import socket, ssl, sys\n\
+         ctx = ssl.create_default_context(cafile={ca:?})\n\
+         with ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port})), server_hostname='localhost') as s:\n\
+         \x20   s.sendall(sys.stdin.readline().encode())\n\
+         \x20   print(s.recv(100).decode(), flush=True)\n"
+    );
+    client_gets_its_reply("python3", &["-c", &python]);
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0));
+}
+
+#[test]
+fn echo_serves_tcp_tls_and_a_unix_socket_at_once_with_a_line_for_each() {
+    let files = TlsFiles::new();
+    let socket = files.dir.join("echo.sock");
+    let socket_arg = socket.to_str().unwrap();
+    let mut echo = start_tls_echo(&files, &["--tls-port", "0", "--unix", socket_arg]);
+    assert!(
+        echo.listening.ends_with("(2 threads)"),
+        "{}",
+        echo.listening
+    );
+    let tls_line = echo.next_line();
+    let tls_addr = tls_line
+        .strip_prefix("listening on ")
+        .and_then(|rest| rest.strip_suffix(" (tls)"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("second line: {tls_line:?}"));
+    assert_eq!(
+        echo.next_line(),
+        format!("listening on {socket_arg} (unix)")
+    );
+
+    round_trip(&mut connect(echo.addr), b"plain");
+    let mut tls = tls_connect(tls_addr, &files.client(), "localhost").unwrap();
+    tls_round_trip(&mut tls, b"secret").unwrap();
+    client_gets_its_reply("socat", &["-", &format!("UNIX-CONNECT:{socket_arg}")]);
+    let mut unix = UnixStream::connect(&socket).unwrap();
+    unix.set_read_timeout(Some(PATIENCE)).unwrap();
+    unix.write_all(b"local").unwrap();
+    assert_eq!(read_payload(&mut unix, 5).unwrap(), b"local");
+
+    echo.signal("TERM");
+    drop((tls, unix));
+    assert_eq!(echo.wait_exit(), Some(0));
+    assert!(!socket.exists(), "the socket file is left after exit");
+}
+
+#[test]
+fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_session() {
+    let files = TlsFiles::new();
+    let mut echo = start_tls_echo(&files, &[]);
+    let log = BufReader::new(echo.stderr());
+    let mut log = log.lines().map_while(Result::ok);
+    let mut old = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
+    tls_round_trip(&mut old, b"before").unwrap();
+    assert_eq!(server_cert(&old), files.server.cert);
+
+    // A broken pair is refused: the error is logged and the old pair stays in use.
+    std::fs::write(&files.key, "not a key").unwrap();
+    echo.signal("HUP");
+    let line = log.find(|line| line.contains("SIGHUP")).unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("server.key"),
+        "{line}"
+    );
+    let during = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
+    assert_eq!(server_cert(&during), files.server.cert);
+
+    // A good new pair is used by the next client; the old client's session goes on.
+    let renewed = files.ca.server_pair();
+    write_pair(&files.dir, "server", &renewed);
+    echo.signal("HUP");
+    let line = log.find(|line| line.contains("SIGHUP")).unwrap();
+    assert!(line.contains("reloaded"), "{line}");
+    let new = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
+    assert_eq!(server_cert(&new), renewed.cert);
+    tls_round_trip(&mut old, b"after").unwrap();
+    echo.signal("TERM");
+    drop((old, during, new));
+    assert_eq!(echo.wait_exit(), Some(0));
+}
+
+#[test]
+fn a_stalled_handshake_is_closed_at_the_deadline_while_others_are_served() {
+    let files = TlsFiles::new();
+    let echo = start_tls_echo(&files, &["--tls-handshake-timeout", "1"]);
+    let mut stalled = connect(echo.addr);
+    stalled.write_all(&[0x16, 0x03, 0x01]).unwrap(); // the start of a ClientHello, no more
+    let mut served = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
+    tls_round_trip(&mut served, b"not held up").unwrap();
+    let closed_after = wait_for_close(&mut stalled, PATIENCE).expect("the stalled client closed");
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "{closed_after:?}"
+    );
+    // Plaintext on the TLS port is not waited for.
+    let mut plain = connect(echo.addr);
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let closed_after = wait_for_close(&mut plain, PATIENCE).expect("plaintext closed");
+    assert!(
+        closed_after < Duration::from_millis(900),
+        "{closed_after:?}"
+    );
+}
+
+#[test]
+fn bad_tls_flags_and_files_are_one_line_on_stderr_and_exit_1() {
+    let files = TlsFiles::new();
+    let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
+    let other = files.ca.server_pair();
+    let (_, other_key) = write_pair(&files.dir, "other", &other);
+    let not_pem = files.dir.join("notes.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let (other_key, not_pem) = (other_key.to_str().unwrap(), not_pem.to_str().unwrap());
+    let missing = files.dir.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (&["--tls-cert", cert], "--tls-cert needs --tls-key"),
+        (&["--tls-key", key], "--tls-key needs --tls-cert"),
+        (&["--tls-port", "0"], "need --tls-cert and --tls-key"),
+        (&["--tls-cert", missing, "--tls-key", key], missing),
+        (
+            &["--tls-cert", not_pem, "--tls-key", key],
+            "no certificate in it",
+        ),
+        (
+            &["--tls-cert", cert, "--tls-key", not_pem],
+            "no private key in it",
+        ),
+        (
+            &["--tls-cert", cert, "--tls-key", other_key],
+            "do not go together",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut args = vec!["--port", "0"];
+        args.extend_from_slice(flags);
+        let (code, stdout, stderr) = run_echo(&args);
+        assert_eq!(code, Some(1), "{flags:?}: {stderr}");
+        assert_eq!(stdout, "", "{flags:?}");
+        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(stderr.contains(expected), "{flags:?}: {stderr}");
+    }
+}
+
+#[test]
+fn no_tcp_with_only_a_unix_socket_serves_there() {
+    let dir = TempDir::new();
+    let socket = dir.join("only.sock");
+    let path = socket.to_str().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.args(["--no-tcp", "--unix", path, "--threads", "1"]);
+    let (code, _, stderr) = run_echo(&["--no-tcp"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("nothing to listen on"), "{stderr}");
+
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, format!("listening on {path} (unix, 1 thread)\n"));
+    let mut client = UnixStream::connect(&socket).unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    client.write_all(b"hi").unwrap();
+    let mut reply = [0; 6];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"GOT:hi");
+    let _ = child.kill();
+    let _ = child.wait();
+}
