@@ -328,3 +328,16 @@ mod unix {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_are_shown_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:46856".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "127.0.0.1:46856");
+        let v6: SocketAddr = "[::1]:7".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}

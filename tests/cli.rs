@@ -405,6 +405,32 @@ fn log_shows_each_client_connecting_and_closing() {
 }
 
 #[test]
+fn the_listening_line_is_said_once_on_stdout_not_again_in_the_log() {
+    let (_, log) = log_of_one_client(&["--threads", "1"]);
+    assert!(!log.contains("listening on"), "log: {log}");
+}
+
+#[test]
+fn ipv4_clients_of_a_dual_stack_server_are_logged_as_ipv4() {
+    let mut echo = start_echo_with_default_logging(&["--threads", "1", "--host", "::"]);
+    let mut stderr = echo.stderr();
+    // Over IPv4 to a `::` listener: the kernel hands the server an IPv4-mapped IPv6 address.
+    let mut client = connect(SocketAddr::from((Ipv4Addr::LOCALHOST, echo.addr.port())));
+    let client_addr = client.local_addr().unwrap().to_string();
+    round_trip(&mut client, b"Hello\n");
+    drop(client);
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+    let mut log = String::new();
+    stderr.read_to_string(&mut log).expect("read echo's stderr");
+    assert!(
+        log.contains(&format!("Connection from {client_addr}")),
+        "log: {log}"
+    );
+    assert!(!log.contains("::ffff:"), "log: {log}");
+}
+
+#[test]
 fn quiet_leaves_connections_out_of_the_log() {
     let (_, log) = log_of_one_client(&["--threads", "1", "--quiet"]);
     assert!(!log.contains("Connection from"), "log: {log}");
