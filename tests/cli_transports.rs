@@ -5,13 +5,17 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::tls::{server_cert, tls_connect, tls_round_trip, write_pair, TlsFiles};
 use common::*;
+use taskserve::rustls::pki_types::pem::PemObject;
+use taskserve::rustls::pki_types::CertificateDer;
+use taskserve::rustls::{self, ClientConfig};
 
 /// `echo` with the test certificate on its `--port` listener, and `extra` flags.
 fn start_tls_echo(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
@@ -270,4 +274,151 @@ fn no_tcp_with_only_a_unix_socket_serves_there() {
     assert_eq!(&reply, b"GOT:hi");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Runs `openssl` with `args` in `dir`; fails the test if it fails.
+fn openssl(dir: &TempDir, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl runs (.ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A client configuration that trusts the CA certificates in the PEM file `ca`.
+fn trusting(ca: &Path) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[test]
+fn echo_serves_tls_with_pkcs8_rsa_and_sec1_keys_and_a_full_chain() {
+    let dir = TempDir::new();
+    // A CA; then a server key in each format, certified by the CA for localhost, with the
+    // certificate file holding the full chain (the server's certificate, then the CA's).
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let keys: [(&str, &[&str], &str); 3] = [
+        (
+            "pkcs8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ],
+            "-----BEGIN PRIVATE KEY-----",
+        ),
+        (
+            "rsa",
+            &["genrsa", "-traditional"],
+            "-----BEGIN RSA PRIVATE KEY-----",
+        ),
+        (
+            "sec1",
+            &["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
+            "-----BEGIN EC PRIVATE KEY-----",
+        ),
+    ];
+    let client = trusting(&dir.join("ca.pem"));
+    for (name, generate, header) in keys {
+        let (key, csr, cert) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        let mut args = generate.to_vec();
+        args.extend(["-out", &key]);
+        openssl(&dir, &args);
+        let key_pem = std::fs::read_to_string(dir.join(&key)).unwrap();
+        assert!(key_pem.starts_with(header), "{name}: {key_pem:.40}");
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &key,
+                "-subj",
+                "/CN=localhost",
+                "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+                "-out",
+                &cert,
+            ],
+        );
+        let chain = dir.join(&format!("{name}.chain.pem"));
+        let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+        let leaf = std::fs::read_to_string(dir.join(&cert)).unwrap();
+        std::fs::write(&chain, leaf + &ca).unwrap();
+
+        let key = dir.join(&key);
+        let echo = EchoProcess::start(&[
+            "--threads",
+            "1",
+            "--tls-cert",
+            chain.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ]);
+        let mut stream = tls_connect(echo.addr, &client, "localhost")
+            .unwrap_or_else(|e| panic!("{name}: handshake: {e}"));
+        tls_round_trip(&mut stream, name.as_bytes()).unwrap();
+    }
 }
