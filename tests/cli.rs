@@ -52,9 +52,14 @@ fn start_echo_with_default_logging(args: &[&str]) -> EchoProcess {
 /// Starts `echo` with `args`, has one client send a message and hang up, stops it with SIGTERM,
 /// and returns the client's address and everything `echo` logged.
 fn log_of_one_client(args: &[&str]) -> (String, String) {
+    log_of_one_client_via(args, |addr| addr)
+}
+
+/// As [`log_of_one_client`], with the client connecting to `to(the address echo printed)`.
+fn log_of_one_client_via(args: &[&str], to: impl Fn(SocketAddr) -> SocketAddr) -> (String, String) {
     let mut echo = start_echo_with_default_logging(args);
     let mut stderr = echo.stderr();
-    let mut client = connect(echo.addr);
+    let mut client = connect(to(echo.addr));
     let client_addr = client.local_addr().unwrap().to_string();
     round_trip(&mut client, b"Hello\n");
     drop(client);
@@ -412,17 +417,10 @@ fn the_listening_line_is_said_once_on_stdout_not_again_in_the_log() {
 
 #[test]
 fn ipv4_clients_of_a_dual_stack_server_are_logged_as_ipv4() {
-    let mut echo = start_echo_with_default_logging(&["--threads", "1", "--host", "::"]);
-    let mut stderr = echo.stderr();
     // Over IPv4 to a `::` listener: the kernel hands the server an IPv4-mapped IPv6 address.
-    let mut client = connect(SocketAddr::from((Ipv4Addr::LOCALHOST, echo.addr.port())));
-    let client_addr = client.local_addr().unwrap().to_string();
-    round_trip(&mut client, b"Hello\n");
-    drop(client);
-    echo.signal("TERM");
-    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
-    let mut log = String::new();
-    stderr.read_to_string(&mut log).expect("read echo's stderr");
+    let (client_addr, log) = log_of_one_client_via(&["--threads", "1", "--host", "::"], |addr| {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+    });
     assert!(
         log.contains(&format!("Connection from {client_addr}")),
         "log: {log}"

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     connect, eventually, is_prefixed_echo, payload, read_payload, round_trip, start_echo,
-    worker_thread_names,
+    timed_out, worker_thread_names,
 };
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use taskserve::{Server, READ_SIZE};
@@ -149,14 +149,7 @@ fn echo_stops_reading_from_a_client_that_reads_no_replies_and_loses_nothing() {
     loop {
         match client.write(&block[sent % block.len()..]) {
             Ok(n) => sent += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
+            Err(e) if timed_out(&e) => break,
             Err(e) => panic!("send: {e}"),
         }
         assert!(

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{connect, payload, read_payload, PATIENCE};
+use common::{connect, payload, read_payload, timed_out, PATIENCE};
 use seed_scheduler::Scheduler;
 
 /// How long a client's send may make no progress before the test takes the server to have
@@ -99,14 +99,7 @@ fn seed_scheduler_sends_every_reply_in_full_to_a_client_that_stops_reading() {
         match client.write(&message[written..]) {
             Ok(n) => written += n,
             // No room for STALL: the server has stopped reading, as it should.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
+            Err(e) if timed_out(&e) => break,
             Err(e) => panic!("send: {e}"),
         }
     }

@@ -167,14 +167,7 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
             Ok(0) => return Ok(start.elapsed()),
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(start.elapsed()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
+            Err(e) if timed_out(&e) => break,
             Err(e) => return Err(e),
         }
     }
@@ -182,6 +175,15 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
         io::ErrorKind::TimedOut,
         format!("still open after {:?}", start.elapsed()),
     ))
+}
+
+/// Whether a read or write on a socket with a timeout gave up waiting (`WouldBlock` on Unix,
+/// `TimedOut` on Windows).
+pub fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A directory of its own under the system's temporary directory, removed with what is in it
