@@ -23,6 +23,7 @@ use crate::connection::{Addr, Connection, Transport};
 use crate::idle::IdleSweeper;
 use crate::listener::Endpoint;
 use crate::shutdown::{Lifecycle, Tracker};
+use crate::stats::{ConnectionReport, Hooks, Metrics, Stats};
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 
@@ -81,6 +82,8 @@ pub struct Builder {
     endpoints: Vec<Endpoint>,
     #[cfg(feature = "tls")]
     tls_handshake_timeout: Duration,
+    /// The connection hooks: a user's callbacks on each connection's start and end.
+    hooks: Hooks,
 }
 
 impl Default for Builder {
@@ -95,6 +98,7 @@ impl Default for Builder {
             endpoints: Vec::new(),
             #[cfg(feature = "tls")]
             tls_handshake_timeout: Duration::from_secs(10),
+            hooks: Hooks::default(),
         }
     }
 }
@@ -203,6 +207,55 @@ impl Builder {
         self
     }
 
+    /// Calls `hook` with what is known about each client as it is accepted and given its slot,
+    /// before its handler (or its TLS handshake) starts: as Go's `ConnState` hook, to feed your
+    /// own metrics or an audit log. It runs in the accept loop, so it must be quick; a panic in
+    /// it is logged and ignored. Clients refused at the connection limit are not seen.
+    pub fn on_connection_start(
+        mut self,
+        hook: impl Fn(&crate::ConnectionInfo) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` once for each connection that [`Builder::on_connection_start`] saw, when it
+    /// has ended, however it ended (even closed by a stop), with its addresses, duration, bytes
+    /// each way and how it ended: as nginx's stream access log. It runs on the connection's
+    /// worker thread after the socket is closed, so it must be quick; a panic in it is logged
+    /// and ignored.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::sync::mpsc;
+    ///
+    /// let (reports, received) = mpsc::channel();
+    /// let reports = std::sync::Mutex::new(reports);
+    /// let server = taskserve::Server::builder()
+    ///     .on_connection_end(move |report| {
+    ///         let _ = reports.lock().unwrap().send(report.clone());
+    ///     })
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut client = std::net::TcpStream::connect(server.local_addr())?;
+    /// client.write_all(b"hello")?;
+    /// client.read_exact(&mut [0; 9])?; // GOT:hello
+    /// drop(client);
+    /// let report = received.recv().unwrap();
+    /// assert_eq!((report.bytes_read, report.bytes_written), (5, 9));
+    /// assert_eq!(report.closed, taskserve::CloseReason::ClientClosed);
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn on_connection_end(
+        mut self,
+        hook: impl Fn(&ConnectionReport) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.end = Some(Arc::new(hook));
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -300,6 +353,7 @@ impl Builder {
         }
         let (release_workers, released) = channel::bounded::<()>(1);
         let lifecycle = Arc::new(Lifecycle::default());
+        let metrics = Metrics::new(Arc::clone(&tracker), self.hooks.clone());
         let shared = Arc::new(Shared {
             handler,
             executor: Arc::clone(&executor),
@@ -307,6 +361,7 @@ impl Builder {
             idle,
             max_connections: self.max_connections,
             stop: StopHandle(Arc::clone(&lifecycle)),
+            metrics: Arc::clone(&metrics),
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });
@@ -319,6 +374,7 @@ impl Builder {
             threads: self.threads,
             lifecycle: Arc::clone(&lifecycle),
             tracker: Arc::clone(&tracker),
+            metrics,
             #[cfg(feature = "tls")]
             tls: tls.clone(),
         };
@@ -422,6 +478,8 @@ pub struct Server {
     lifecycle: Arc<Lifecycle>,
     /// Open connections.
     tracker: Arc<Tracker>,
+    /// What [`Server::stats`] reads.
+    metrics: Arc<Metrics>,
     /// The TLS listeners' configurations, for [`Server::reload_tls`].
     #[cfg(feature = "tls")]
     tls: Vec<TlsConfig>,
@@ -497,6 +555,13 @@ impl Server {
     /// The number of client connections open right now.
     pub fn connections(&self) -> usize {
         self.tracker.open()
+    }
+
+    /// The server's counters now: connections open and accepted, refused by reason, closed by
+    /// how they ended, accept errors, bytes each way, uptime. Reading them costs a few atomic
+    /// loads; the connections count as they go without sharing a counter per message.
+    pub fn stats(&self) -> Stats {
+        self.metrics.snapshot()
     }
 
     /// A handle that stops this server from anywhere: another thread, a signal handler of the
