@@ -89,6 +89,8 @@ mod connection;
 mod echo;
 mod idle;
 mod listener;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod server;
 mod shutdown;
 mod stats;

@@ -84,6 +84,9 @@ pub struct Builder {
     tls_handshake_timeout: Duration,
     /// The connection hooks: a user's callbacks on each connection's start and end.
     hooks: Hooks,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    #[cfg(feature = "metrics")]
+    metrics: Option<Endpoint>,
 }
 
 impl Default for Builder {
@@ -99,6 +102,8 @@ impl Default for Builder {
             #[cfg(feature = "tls")]
             tls_handshake_timeout: Duration::from_secs(10),
             hooks: Hooks::default(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 }
@@ -256,6 +261,36 @@ impl Builder {
         self
     }
 
+    /// Also serves the server's [`Stats`] to Prometheus on `addr` (port 0 works; see
+    /// [`Server::metrics_addr`]): `GET /metrics` in the Prometheus text format, 404 for any
+    /// other path and 405 for any other method. The endpoint runs on the server's executor but
+    /// is not a client listener: its connections are not limited by `max_connections` nor
+    /// counted in the stats, and each must send its request and take the answer within 10 s.
+    /// The address is resolved now and bound by `start`, which returns its errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder()
+    ///     .metrics("127.0.0.1:0")
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut scrape = std::net::TcpStream::connect(server.metrics_addr().unwrap())?;
+    /// scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    /// let mut answer = String::new();
+    /// scrape.read_to_string(&mut answer)?;
+    /// assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"));
+    /// assert!(answer.contains("\ntaskserve_connections_accepted_total 0\n"));
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, addr: impl ToSocketAddrs) -> Self {
+        self.metrics = Some(Endpoint::tcp(addr));
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -343,6 +378,11 @@ impl Builder {
             .collect();
         #[cfg(feature = "tls")]
         let tls: Vec<TlsConfig> = listeners.iter().filter_map(|l| l.tls().cloned()).collect();
+        #[cfg(feature = "metrics")]
+        let metrics_listener = match &self.metrics {
+            Some(endpoint) => Some(endpoint.bind(self.backlog)?),
+            None => None,
+        };
 
         let executor = Arc::new(Executor::new());
         let tracker = Arc::new(Tracker::default());
@@ -365,16 +405,34 @@ impl Builder {
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });
-        let accept = listeners
+        #[allow(unused_mut)] // without the metrics feature, nothing is added
+        let mut accept: Vec<_> = listeners
             .into_iter()
             .map(|listener| executor.spawn(accept_loop(listener, Arc::clone(&shared))))
             .collect();
+        // With the accept loops, so that a stop closes its port first too.
+        #[cfg(feature = "metrics")]
+        let metrics_addr = match metrics_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().as_inet();
+                let serving = crate::metrics::serve_metrics(
+                    listener,
+                    Arc::clone(&metrics),
+                    Arc::clone(&executor),
+                );
+                accept.push(executor.spawn(serving));
+                addr
+            }
+            None => None,
+        };
         let server = Server {
             local_addrs,
             threads: self.threads,
             lifecycle: Arc::clone(&lifecycle),
             tracker: Arc::clone(&tracker),
             metrics,
+            #[cfg(feature = "metrics")]
+            metrics_addr,
             #[cfg(feature = "tls")]
             tls: tls.clone(),
         };
@@ -480,6 +538,9 @@ pub struct Server {
     tracker: Arc<Tracker>,
     /// What [`Server::stats`] reads.
     metrics: Arc<Metrics>,
+    /// Where the Prometheus endpoint listens.
+    #[cfg(feature = "metrics")]
+    metrics_addr: Option<SocketAddr>,
     /// The TLS listeners' configurations, for [`Server::reload_tls`].
     #[cfg(feature = "tls")]
     tls: Vec<TlsConfig>,
@@ -532,6 +593,13 @@ impl Server {
     /// to [`Builder::start`] first).
     pub fn local_addrs(&self) -> &[(Addr, Transport)] {
         &self.local_addrs
+    }
+
+    /// Where the Prometheus endpoint ([`Builder::metrics`]) listens, with the real port when it
+    /// was given port 0; `None` without one.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Reads every TLS listener's certificate and key files again: new handshakes use the new

@@ -301,7 +301,7 @@ impl Metrics {
 
     /// The duration histogram: each bucket's bound and count (not cumulative), the number of
     /// connections, and the sum of their durations in seconds.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "metrics"))]
     pub(crate) fn durations(&self) -> (Vec<(f64, u64)>, u64, f64) {
         let counts = self.durations.each_ref().map(|n| n.load(Relaxed));
         let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
