@@ -18,6 +18,7 @@ use crate::idle::{IdleSweeper, IdleWatch};
 use crate::listener::{Accepted, Listener};
 use crate::server::{count, StopHandle};
 use crate::shutdown::Tracker;
+use crate::stats::{CloseReason, Meter, Metrics, RefusalReason};
 use crate::task::{log_panic, ConnectionTask, Peer, Stage};
 
 /// What every accept loop of a server shares.
@@ -28,6 +29,8 @@ pub(crate) struct Shared<H> {
     pub(crate) idle: Option<Arc<IdleSweeper>>,
     pub(crate) max_connections: usize,
     pub(crate) stop: StopHandle,
+    /// The server's counters, and the connection hooks.
+    pub(crate) metrics: Arc<Metrics>,
     /// How long a TLS handshake may take.
     #[cfg(feature = "tls")]
     pub(crate) handshake_timeout: Duration,
@@ -63,6 +66,9 @@ where
                 }
             },
         };
+        if accepted.is_err() {
+            shared.metrics.count_accept_error();
+        }
         let Accepted { stream, info } = match accepted {
             Ok(accepted) => accepted,
             Err(e) if concerns_one_client(&e) => {
@@ -93,10 +99,12 @@ where
                 count(held_back as usize, "more failure")
             );
         }
+        shared.metrics.count_accepted();
         let peer = Peer::of(&info);
         let Some(slot) = shared.tracker.try_open(max_connections) else {
             // Accept and close, rather than leave clients hanging in the backlog.
             drop(stream);
+            shared.metrics.count_refused(RefusalReason::ConnectionLimit);
             if let Some(held_back) = refusals.allow() {
                 warn!(
                     "refused {peer}: at the connection limit ({max_connections} open){}",
@@ -105,7 +113,8 @@ where
             }
             continue;
         };
-        let stage = match stages(&listener, &shared, stream, info, &peer) {
+        let meter = Meter::start(&shared.metrics, &info);
+        let stage = match stages(&listener, &shared, stream, info, &peer, &meter) {
             Some(stage) => stage,
             None => continue,
         };
@@ -115,7 +124,7 @@ where
             .map(|sweeper| IdleWatch::new(Arc::clone(sweeper)));
         shared
             .executor
-            .spawn(ConnectionTask::new(stage, peer, idle, slot))
+            .spawn(ConnectionTask::new(stage, peer, idle, slot, meter))
             .detach();
     }
 }
@@ -129,6 +138,7 @@ fn stages<H, F>(
     stream: Stream,
     info: crate::connection::ConnectionInfo,
     peer: &Peer,
+    meter: &Arc<Meter>,
 ) -> Option<Stage<F>>
 where
     H: Fn(Connection) -> F + Send + Sync + 'static,
@@ -137,12 +147,13 @@ where
     #[cfg(feature = "tls")]
     if let Some(tls) = listener.tls() {
         let (tls, shared, peer) = (tls.clone(), Arc::clone(shared), peer.clone());
+        let meter = Arc::clone(meter);
         let timeout = shared.handshake_timeout;
         // Inside the connection's task, with its own deadlines: a slow client delays no one.
         let run = async move {
             let (stream, info, closing) =
                 crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
-            let connection = Connection::new(stream, info, shared.stop.clone());
+            let connection = Connection::new(stream, info, shared.stop.clone(), meter);
             let outcome = (shared.handler)(connection).await;
             closing.close(timeout, &peer).await;
             Some(outcome)
@@ -152,11 +163,12 @@ where
     #[cfg(not(feature = "tls"))]
     let _ = listener;
     // A handler may panic before it returns its future: that ends this client only.
-    let connection = Connection::new(stream, info, shared.stop.clone());
+    let connection = Connection::new(stream, info, shared.stop.clone(), Arc::clone(meter));
     match panic::catch_unwind(AssertUnwindSafe(|| (shared.handler)(connection))) {
         Ok(handler) => Some(Stage::Serving { handler }),
         Err(panic) => {
             log_panic(peer, &*panic);
+            meter.finish(CloseReason::HandlerPanic);
             None
         }
     }

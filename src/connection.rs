@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use smol::io::{AsyncRead, AsyncWrite};
 
 use crate::server::StopHandle;
+use crate::stats::Meter;
 
 /// One client connection, as a handler receives it: a byte stream to read and write (it
 /// implements [`AsyncRead`] and [`AsyncWrite`]), whatever the transport, with what is known about
@@ -42,6 +43,8 @@ pub struct Connection {
     stream: Stream,
     info: ConnectionInfo,
     stop: StopHandle,
+    /// Counts the bytes read and written through this connection, for the server's stats.
+    meter: Arc<Meter>,
 }
 
 /// The transports a connection may come over, behind one type.
@@ -54,8 +57,18 @@ pub(crate) enum Stream {
 }
 
 impl Connection {
-    pub(crate) fn new(stream: Stream, info: ConnectionInfo, stop: StopHandle) -> Self {
-        Connection { stream, info, stop }
+    pub(crate) fn new(
+        stream: Stream,
+        info: ConnectionInfo,
+        stop: StopHandle,
+        meter: Arc<Meter>,
+    ) -> Self {
+        Connection {
+            stream,
+            info,
+            stop,
+            meter,
+        }
     }
 
     /// What is known about the connection: addresses, transport, TLS details, peer credentials.
@@ -75,9 +88,15 @@ impl Connection {
         &self.stop
     }
 
-    /// The parts, for handlers that take the stream apart.
-    pub(crate) fn into_stream(self) -> Stream {
-        self.stream
+    /// A plain TCP connection's socket and meter, for a handler that reads and writes it with
+    /// system calls of its own (and counts its bytes itself); any other connection as it was.
+    #[allow(clippy::result_large_err)] // matched at once, once per connection
+    pub(crate) fn into_tcp(self) -> Result<(async_net::TcpStream, Arc<Meter>), Connection> {
+        match self.stream {
+            Stream::Tcp(tcp) => Ok((tcp, self.meter)),
+            #[allow(unreachable_patterns)] // with neither Unix sockets nor TLS, TCP is all there is
+            stream => Err(Connection { stream, ..self }),
+        }
     }
 }
 
@@ -146,13 +165,23 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// Counts `n` bytes moved, when a read or write made progress.
+fn counted(poll: Poll<io::Result<usize>>, count: impl FnOnce(usize)) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(Ok(n)) = poll {
+        count(n);
+    }
+    poll
+}
+
 impl AsyncRead for Connection {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_read(cx, buf);
+        counted(poll, |n| this.meter.add_read(n))
     }
 
     fn poll_read_vectored(
@@ -160,7 +189,9 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_read_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_read_vectored(cx, bufs);
+        counted(poll, |n| this.meter.add_read(n))
     }
 }
 
@@ -170,7 +201,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        counted(poll, |n| this.meter.add_written(n))
     }
 
     fn poll_write_vectored(
@@ -178,7 +211,9 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        counted(poll, |n| this.meter.add_written(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

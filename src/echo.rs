@@ -8,7 +8,8 @@ use std::sync::Arc;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{future, Async};
 
-use crate::connection::{Connection, Stream};
+use crate::connection::Connection;
+use crate::stats::Meter;
 
 /// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
 ///
@@ -58,12 +59,11 @@ pub fn echo(connection: Connection) -> impl Future<Output = io::Result<()>> + Se
     // Unwrapped before the future is made: a future keeps its arguments for its whole life, and
     // the 8-byte `Arc` is a small part of the size of a `Connection`. The other transports'
     // future is boxed, so that it adds nothing to the size of a plain TCP connection's task.
-    match connection.into_stream() {
-        Stream::Tcp(tcp) => Either::Left {
-            future: echo_on(tcp.into()),
+    match connection.into_tcp() {
+        Ok((tcp, meter)) => Either::Left {
+            future: echo_on(tcp.into(), meter),
         },
-        #[allow(unreachable_patterns)] // with neither Unix sockets nor TLS, TCP is all there is
-        other => Either::Right {
+        Err(other) => Either::Right {
             future: Box::pin(echo_buffered(other)),
         },
     }
@@ -90,7 +90,7 @@ impl<T, L: Future<Output = T>, R: Future<Output = T>> Future for Either<L, R> {
 }
 
 /// The same protocol over any stream (TLS, a Unix socket), with a buffer of its own.
-async fn echo_buffered(mut stream: Stream) -> io::Result<()> {
+async fn echo_buffered(mut stream: Connection) -> io::Result<()> {
     let mut reply = vec![0; PREFIX.len() + READ_SIZE];
     reply[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut budget = Budget::default();
@@ -106,13 +106,15 @@ async fn echo_buffered(mut stream: Stream) -> io::Result<()> {
     }
 }
 
-async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
+/// Over plain TCP, with raw system calls; the bytes are counted here, since they do not go
+/// through the [`Connection`].
+async fn echo_on(stream: Arc<Async<std::net::TcpStream>>, meter: Arc<Meter>) -> io::Result<()> {
     let mut budget = Budget::default();
     // Wait for readiness before reading, so an idle connection holds no buffer: the read goes
     // into the worker thread's buffer only once there is something to read.
     wait_readable(&stream).await?;
     loop {
-        match answer_one_chunk(stream.get_ref()) {
+        match answer_one_chunk(stream.get_ref(), &meter) {
             Ok(Answered::Fully { filled_buffer }) => {
                 budget.spend().await;
                 // A short read means the socket is drained (the hint tokio uses too): wait for
@@ -125,6 +127,7 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>) -> io::Result<()> {
                 // The client is slow to read: finish this reply before reading anything more.
                 // This copy is the only per-connection buffer, and only while the client lags.
                 (&*stream).write_all(&unsent).await?;
+                meter.add_written(unsent.len());
                 // A client that reads at just the pace of these writes never makes them wait:
                 // the chunk counts against the budget too.
                 budget.spend().await;
@@ -170,18 +173,20 @@ enum Answered {
 /// Reads one chunk into the thread's buffer and writes its reply, without waiting: what the
 /// socket did not take is returned, since the buffer cannot be held across an await (the task may
 /// move to another thread). Fails with `WouldBlock` when there is nothing to read.
-fn answer_one_chunk(socket: &std::net::TcpStream) -> io::Result<Answered> {
+fn answer_one_chunk(socket: &std::net::TcpStream, meter: &Meter) -> io::Result<Answered> {
     REPLY.with_borrow_mut(|reply| {
         let read = retry_interrupted(|| recv(socket, &mut reply[PREFIX.len()..]))?;
         if read == 0 {
             return Ok(Answered::EndOfStream);
         }
+        meter.add_read(read);
         let reply = &reply[..PREFIX.len() + read];
         let written = match retry_interrupted(|| send(socket, reply)) {
             Ok(written) => written,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
         };
+        meter.add_written(written);
         Ok(if written == reply.len() {
             Answered::Fully {
                 filled_buffer: read == READ_SIZE,

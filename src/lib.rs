@@ -74,6 +74,8 @@
 //!   starts a [`Server`] in the background.
 //! - [`Connection`] and [`ConnectionInfo`]: what a handler is given.
 //! - [`StopHandle`]: stops a server from anywhere, and tells handlers when a stop begins.
+//! - [`Stats`] (from [`Server::stats`]) and [`ConnectionReport`] (for
+//!   [`Builder::on_connection_end`]): what the server counts, and each connection's end.
 //! - [`TlsConfig`]: certificates for TLS listeners (feature `tls`, on by default).
 //! - [`echo`]: the seed's `GOT:` protocol.
 //! - [`io`]: the I/O traits a handler needs, so that it needs no other dependency.
@@ -87,8 +89,11 @@ mod connection;
 mod echo;
 mod idle;
 mod listener;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod server;
 mod shutdown;
+mod stats;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;
@@ -96,6 +101,7 @@ mod tls;
 pub use connection::{Addr, Connection, ConnectionInfo, PeerCredentials, TlsInfo, Transport};
 pub use echo::{echo, READ_SIZE};
 pub use server::{serve, Builder, Server, StopHandle};
+pub use stats::{CloseReason, ConnectionReport, RefusalReason, Stats};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 

@@ -23,6 +23,7 @@ use crate::connection::{Addr, Connection, Transport};
 use crate::idle::IdleSweeper;
 use crate::listener::Endpoint;
 use crate::shutdown::{Lifecycle, Tracker};
+use crate::stats::{ConnectionReport, Hooks, Metrics, Stats};
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 
@@ -81,6 +82,11 @@ pub struct Builder {
     endpoints: Vec<Endpoint>,
     #[cfg(feature = "tls")]
     tls_handshake_timeout: Duration,
+    /// The connection hooks: a user's callbacks on each connection's start and end.
+    hooks: Hooks,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    #[cfg(feature = "metrics")]
+    metrics: Option<Endpoint>,
 }
 
 impl Default for Builder {
@@ -95,6 +101,9 @@ impl Default for Builder {
             endpoints: Vec::new(),
             #[cfg(feature = "tls")]
             tls_handshake_timeout: Duration::from_secs(10),
+            hooks: Hooks::default(),
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
     }
 }
@@ -203,6 +212,85 @@ impl Builder {
         self
     }
 
+    /// Calls `hook` with what is known about each client as it is accepted and given its slot,
+    /// before its handler (or its TLS handshake) starts: as Go's `ConnState` hook, to feed your
+    /// own metrics or an audit log. It runs in the accept loop, so it must be quick; a panic in
+    /// it is logged and ignored. Clients refused at the connection limit are not seen.
+    pub fn on_connection_start(
+        mut self,
+        hook: impl Fn(&crate::ConnectionInfo) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.start = Some(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` once for each connection that [`Builder::on_connection_start`] saw, when it
+    /// has ended, however it ended (even closed by a stop), with its addresses, duration, bytes
+    /// each way and how it ended: as nginx's stream access log. It runs on the connection's
+    /// worker thread after the socket is closed, so it must be quick; a panic in it is logged
+    /// and ignored.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::sync::mpsc;
+    ///
+    /// let (reports, received) = mpsc::channel();
+    /// let reports = std::sync::Mutex::new(reports);
+    /// let server = taskserve::Server::builder()
+    ///     .on_connection_end(move |report| {
+    ///         let _ = reports.lock().unwrap().send(report.clone());
+    ///     })
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut client = std::net::TcpStream::connect(server.local_addr())?;
+    /// client.write_all(b"hello")?;
+    /// client.read_exact(&mut [0; 9])?; // GOT:hello
+    /// drop(client);
+    /// let report = received.recv().unwrap();
+    /// assert_eq!((report.bytes_read, report.bytes_written), (5, 9));
+    /// assert_eq!(report.closed, taskserve::CloseReason::ClientClosed);
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn on_connection_end(
+        mut self,
+        hook: impl Fn(&ConnectionReport) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.end = Some(Arc::new(hook));
+        self
+    }
+
+    /// Also serves the server's [`Stats`] to Prometheus on `addr` (port 0 works; see
+    /// [`Server::metrics_addr`]): `GET /metrics` in the Prometheus text format, 404 for any
+    /// other path and 405 for any other method. The endpoint runs on the server's executor but
+    /// is not a client listener: its connections are not limited by `max_connections` nor
+    /// counted in the stats, and each must send its request and take the answer within 10 s.
+    /// The address is resolved now and bound by `start`, which returns its errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder()
+    ///     .metrics("127.0.0.1:0")
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut scrape = std::net::TcpStream::connect(server.metrics_addr().unwrap())?;
+    /// scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    /// let mut answer = String::new();
+    /// scrape.read_to_string(&mut answer)?;
+    /// assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"));
+    /// assert!(answer.contains("\ntaskserve_connections_accepted_total 0\n"));
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, addr: impl ToSocketAddrs) -> Self {
+        self.metrics = Some(Endpoint::tcp(addr));
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -290,6 +378,11 @@ impl Builder {
             .collect();
         #[cfg(feature = "tls")]
         let tls: Vec<TlsConfig> = listeners.iter().filter_map(|l| l.tls().cloned()).collect();
+        #[cfg(feature = "metrics")]
+        let metrics_listener = match &self.metrics {
+            Some(endpoint) => Some(endpoint.bind(self.backlog)?),
+            None => None,
+        };
 
         let executor = Arc::new(Executor::new());
         let tracker = Arc::new(Tracker::default());
@@ -300,6 +393,7 @@ impl Builder {
         }
         let (release_workers, released) = channel::bounded::<()>(1);
         let lifecycle = Arc::new(Lifecycle::default());
+        let metrics = Metrics::new(Arc::clone(&tracker), self.hooks.clone());
         let shared = Arc::new(Shared {
             handler,
             executor: Arc::clone(&executor),
@@ -307,18 +401,38 @@ impl Builder {
             idle,
             max_connections: self.max_connections,
             stop: StopHandle(Arc::clone(&lifecycle)),
+            metrics: Arc::clone(&metrics),
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });
-        let accept = listeners
+        #[allow(unused_mut)] // without the metrics feature, nothing is added
+        let mut accept: Vec<_> = listeners
             .into_iter()
             .map(|listener| executor.spawn(accept_loop(listener, Arc::clone(&shared))))
             .collect();
+        // With the accept loops, so that a stop closes its port first too.
+        #[cfg(feature = "metrics")]
+        let metrics_addr = match metrics_listener {
+            Some(listener) => {
+                let addr = listener.local_addr().as_inet();
+                let serving = crate::metrics::serve_metrics(
+                    listener,
+                    Arc::clone(&metrics),
+                    Arc::clone(&executor),
+                );
+                accept.push(executor.spawn(serving));
+                addr
+            }
+            None => None,
+        };
         let server = Server {
             local_addrs,
             threads: self.threads,
             lifecycle: Arc::clone(&lifecycle),
             tracker: Arc::clone(&tracker),
+            metrics,
+            #[cfg(feature = "metrics")]
+            metrics_addr,
             #[cfg(feature = "tls")]
             tls: tls.clone(),
         };
@@ -422,6 +536,11 @@ pub struct Server {
     lifecycle: Arc<Lifecycle>,
     /// Open connections.
     tracker: Arc<Tracker>,
+    /// What [`Server::stats`] reads.
+    metrics: Arc<Metrics>,
+    /// Where the Prometheus endpoint listens.
+    #[cfg(feature = "metrics")]
+    metrics_addr: Option<SocketAddr>,
     /// The TLS listeners' configurations, for [`Server::reload_tls`].
     #[cfg(feature = "tls")]
     tls: Vec<TlsConfig>,
@@ -476,6 +595,13 @@ impl Server {
         &self.local_addrs
     }
 
+    /// Where the Prometheus endpoint ([`Builder::metrics`]) listens, with the real port when it
+    /// was given port 0; `None` without one.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Reads every TLS listener's certificate and key files again: new handshakes use the new
     /// pair, open connections keep theirs. `echo` (and [`Builder::stop_on_signals`]) does this
     /// on SIGHUP.
@@ -497,6 +623,13 @@ impl Server {
     /// The number of client connections open right now.
     pub fn connections(&self) -> usize {
         self.tracker.open()
+    }
+
+    /// The server's counters now: connections open and accepted, refused by reason, closed by
+    /// how they ended, accept errors, bytes each way, uptime. Reading them costs a few atomic
+    /// loads; the connections count as they go without sharing a counter per message.
+    pub fn stats(&self) -> Stats {
+        self.metrics.snapshot()
     }
 
     /// A handle that stops this server from anywhere: another thread, a signal handler of the

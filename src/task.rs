@@ -19,6 +19,7 @@ use smol::future::{CatchUnwind, FutureExt};
 use crate::connection::{Addr, ConnectionInfo};
 use crate::idle::IdleWatch;
 use crate::shutdown::Slot;
+use crate::stats::{CloseReason, Meter};
 
 /// A client as the log names it: its address, or for a Unix socket who it is.
 #[derive(Debug, Clone)]
@@ -94,6 +95,8 @@ pin_project! {
         peer: Peer,
         idle: Option<IdleWatch>,
         slot: Option<Slot>,
+        // Its bytes, start and addresses: the log line, the stats and the end hook at its end.
+        meter: Arc<Meter>,
     }
 
     impl<F> PinnedDrop for ConnectionTask<F> {
@@ -104,7 +107,8 @@ pin_project! {
             if this.handler.is_some() {
                 drop_handler(this.handler, this.peer);
                 debug!("{}: closed by the server stopping", this.peer);
-                info!("Connection closed: {}", this.peer);
+                let summary = this.meter.finish(CloseReason::Stopped);
+                info!("Connection closed: {} {summary}", this.peer);
             }
         }
     }
@@ -112,7 +116,13 @@ pin_project! {
 
 impl<F: Future<Output = io::Result<()>>> ConnectionTask<F> {
     /// `handler` is what runs for the client at `peer`: its stages, then the handler.
-    pub(crate) fn new(handler: Stage<F>, peer: Peer, idle: Option<IdleWatch>, slot: Slot) -> Self {
+    pub(crate) fn new(
+        handler: Stage<F>,
+        peer: Peer,
+        idle: Option<IdleWatch>,
+        slot: Slot,
+        meter: Arc<Meter>,
+    ) -> Self {
         // The seed's two lines per client, in its words, so the programs are recognisably the same.
         info!("Connection from {peer}");
         ConnectionTask {
@@ -120,6 +130,7 @@ impl<F: Future<Output = io::Result<()>>> ConnectionTask<F> {
             peer,
             idle,
             slot: Some(slot),
+            meter,
         }
     }
 }
@@ -145,14 +156,25 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
         let peer = &*this.peer;
         // Dropping the handler's future closes the socket, before the log says so.
         drop_handler(this.handler, peer);
-        match outcome {
-            Some(Ok(Some(Ok(())))) => {}
-            Some(Ok(Some(Err(e)))) => log_handler_error(peer, &e),
-            Some(Ok(None)) => {} // a stage ended it, and said why
-            Some(Err(panic)) => log_panic(peer, &*panic),
-            None => debug!("{peer}: closed: idle for the idle timeout"),
-        }
-        info!("Connection closed: {peer}");
+        let closed = match outcome {
+            Some(Ok(Some(Ok(())))) => CloseReason::ClientClosed,
+            Some(Ok(Some(Err(e)))) => {
+                log_handler_error(peer, &e);
+                CloseReason::HandlerError
+            }
+            // A stage ended it, and said why.
+            Some(Ok(None)) => CloseReason::HandshakeFailed,
+            Some(Err(panic)) => {
+                log_panic(peer, &*panic);
+                CloseReason::HandlerPanic
+            }
+            None => {
+                debug!("{peer}: closed: idle for the idle timeout");
+                CloseReason::IdleTimeout
+            }
+        };
+        let summary = this.meter.finish(closed);
+        info!("Connection closed: {peer} {summary}");
         drop(this.slot.take());
         Poll::Ready(())
     }

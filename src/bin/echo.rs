@@ -79,6 +79,11 @@ struct Args {
     #[argh(switch)]
     no_tcp: bool,
 
+    /// also serve Prometheus metrics at http://ADDR/metrics, ADDR as host:port (e.g.
+    /// 127.0.0.1:9100; port 0 picks a free one)
+    #[argh(option)]
+    metrics: Option<String>,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -236,6 +241,9 @@ fn run(args: &Args) -> io::Result<()> {
     if let Some(path) = &args.unix {
         builder = listen_unix(builder, path)?;
     }
+    if let Some(addr) = &args.metrics {
+        builder = serve_metrics(builder, addr)?;
+    }
     if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
         return Err(usage(
             "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
@@ -263,7 +271,7 @@ fn run(args: &Args) -> io::Result<()> {
 fn listening_lines(server: &taskserve::Server) -> Vec<String> {
     let threads = server.threads();
     let threads = format!("{threads} thread{}", if threads == 1 { "" } else { "s" });
-    server
+    let mut lines: Vec<String> = server
         .local_addrs()
         .iter()
         .enumerate()
@@ -277,7 +285,36 @@ fn listening_lines(server: &taskserve::Server) -> Vec<String> {
             }
             format!("listening on {addr} ({})", notes.join(", "))
         })
-        .collect()
+        .collect();
+    lines.extend(metrics_line(server));
+    lines
+}
+
+/// `listening on 127.0.0.1:9100 (metrics)`, with --metrics.
+#[cfg(feature = "metrics")]
+fn metrics_line(server: &taskserve::Server) -> Option<String> {
+    let addr = server.metrics_addr()?;
+    Some(format!("listening on {addr} (metrics)"))
+}
+
+#[cfg(not(feature = "metrics"))]
+fn metrics_line(_: &taskserve::Server) -> Option<String> {
+    None
+}
+
+/// The Prometheus endpoint on `addr` (`host:port`), resolved now so that an error names the flag.
+#[cfg(feature = "metrics")]
+fn serve_metrics(builder: taskserve::Builder, addr: &str) -> io::Result<taskserve::Builder> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}")))?
+        .collect();
+    Ok(builder.metrics(&addrs[..]))
+}
+
+#[cfg(not(feature = "metrics"))]
+fn serve_metrics(_: taskserve::Builder, _: &str) -> io::Result<taskserve::Builder> {
+    Err(usage("--metrics: built without the metrics feature"))
 }
 
 /// The TLS configuration the flags ask for, if any; each file is read (and checked) now, so
