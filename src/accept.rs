@@ -93,7 +93,10 @@ where
                 count(held_back as usize, "more failure")
             );
         }
-        let peer = Peer::of(&info);
+        // On a PROXY listener, an untrusted source is closed here, before it takes a slot.
+        let Some(peer) = crate::proxy::peer(listener.proxy(), &info) else {
+            continue;
+        };
         let Some(slot) = shared.tracker.try_open(max_connections) else {
             // Accept and close, rather than leave clients hanging in the backlog.
             drop(stream);
@@ -134,19 +137,29 @@ where
     H: Fn(Connection) -> F + Send + Sync + 'static,
     F: Future<Output = io::Result<()>> + Send + 'static,
 {
+    // Inside the connection's task, with its own deadlines: a slow client delays no one.
+    if let Some(proxy) = listener.proxy() {
+        let (proxy, shared, peer) = (proxy.clone(), Arc::clone(shared), peer.clone());
+        #[cfg(feature = "tls")]
+        let tls = listener.tls().cloned();
+        let run = async move {
+            let mut stream = stream;
+            let info = crate::proxy::read_header(&mut stream, info, &proxy, &peer).await?;
+            #[rustfmt::skip]
+            let outcome = after_proxy(stream, info, #[cfg(feature = "tls")] tls, shared, peer);
+            outcome.await
+        };
+        return Some(Stage::Staged { run: Box::pin(run) });
+    }
     #[cfg(feature = "tls")]
     if let Some(tls) = listener.tls() {
-        let (tls, shared, peer) = (tls.clone(), Arc::clone(shared), peer.clone());
-        let timeout = shared.handshake_timeout;
-        // Inside the connection's task, with its own deadlines: a slow client delays no one.
-        let run = async move {
-            let (stream, info, closing) =
-                crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
-            let connection = Connection::new(stream, info, shared.stop.clone());
-            let outcome = (shared.handler)(connection).await;
-            closing.close(timeout, &peer).await;
-            Some(outcome)
-        };
+        let run = after_proxy(
+            stream,
+            info,
+            Some(tls.clone()),
+            Arc::clone(shared),
+            peer.clone(),
+        );
         return Some(Stage::Staged { run: Box::pin(run) });
     }
     #[cfg(not(feature = "tls"))]
@@ -160,6 +173,34 @@ where
             None
         }
     }
+}
+
+/// The stages after a PROXY header (or from the start, without one): on a TLS listener the
+/// handshake, the handler, then the TLS close; on the others the handler alone.
+async fn after_proxy<H, F>(
+    stream: Stream,
+    info: crate::connection::ConnectionInfo,
+    #[cfg(feature = "tls")] tls: Option<crate::tls::TlsConfig>,
+    shared: Arc<Shared<H>>,
+    peer: Peer,
+) -> Option<io::Result<()>>
+where
+    H: Fn(Connection) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    #[cfg(feature = "tls")]
+    if let Some(tls) = tls {
+        let timeout = shared.handshake_timeout;
+        let (stream, info, closing) =
+            crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
+        let connection = Connection::new(stream, info, shared.stop.clone());
+        let outcome = (shared.handler)(connection).await;
+        closing.close(timeout, &peer).await;
+        return Some(outcome);
+    }
+    let _ = peer;
+    let connection = Connection::new(stream, info, shared.stop.clone());
+    Some((shared.handler)(connection).await)
 }
 
 /// Accept errors about the client at the head of the queue (it gave up, or its network did),

@@ -87,6 +87,7 @@ mod connection;
 mod echo;
 mod idle;
 mod listener;
+mod proxy;
 mod server;
 mod shutdown;
 mod task;
@@ -95,6 +96,7 @@ mod tls;
 
 pub use connection::{Addr, Connection, ConnectionInfo, PeerCredentials, TlsInfo, Transport};
 pub use echo::{echo, READ_SIZE};
+pub use proxy::{Cidr, ProxyInfo, ProxyProtocol};
 pub use server::{serve, Builder, Server, StopHandle};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;

@@ -11,6 +11,7 @@ use smol::Async;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::connection::{Addr, ConnectionInfo, Stream, Transport};
+use crate::proxy::ProxyProtocol;
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 
@@ -49,7 +50,8 @@ impl Endpoint {
         Endpoint::Unix(path.as_ref().to_path_buf())
     }
 
-    pub(crate) fn bind(&self, backlog: u32) -> io::Result<Listener> {
+    pub(crate) fn bind(&self, options: &ListenOptions) -> io::Result<Listener> {
+        let backlog = options.backlog;
         match self {
             Endpoint::Tcp {
                 addrs,
@@ -68,6 +70,7 @@ impl Endpoint {
                         local_addr,
                         transport: Transport::Tls,
                         tls: Some(tls.clone()),
+                        proxy: options.proxy.clone(),
                     });
                 }
                 Ok(Listener {
@@ -76,6 +79,7 @@ impl Endpoint {
                     transport: Transport::Tcp,
                     #[cfg(feature = "tls")]
                     tls: None,
+                    proxy: options.proxy.clone(),
                 })
             }
             #[cfg(unix)]
@@ -90,10 +94,19 @@ impl Endpoint {
                     transport: Transport::Unix,
                     #[cfg(feature = "tls")]
                     tls: None,
+                    proxy: None,
                 })
             }
         }
     }
+}
+
+/// What the builder sets for all its listeners.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ListenOptions {
+    pub(crate) backlog: u32,
+    /// For TCP and TLS listeners: a PROXY header comes first.
+    pub(crate) proxy: Option<ProxyProtocol>,
 }
 
 /// A bound listening socket.
@@ -106,6 +119,8 @@ pub(crate) struct Listener {
     transport: Transport,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
+    /// Whether a PROXY header comes first, and from whom it is trusted.
+    proxy: Option<ProxyProtocol>,
 }
 
 #[derive(Debug)]
@@ -135,6 +150,11 @@ impl Listener {
         self.transport
     }
 
+    /// The PROXY protocol configuration of a listener that expects a header first.
+    pub(crate) fn proxy(&self) -> Option<&ProxyProtocol> {
+        self.proxy.as_ref()
+    }
+
     /// The TLS configuration of a TLS listener.
     #[cfg(feature = "tls")]
     pub(crate) fn tls(&self) -> Option<&TlsConfig> {
@@ -162,6 +182,7 @@ impl Listener {
                         transport: Transport::Tcp,
                         tls: None,
                         peer_credentials: None,
+                        proxy: None,
                     },
                 })
             }
@@ -177,6 +198,7 @@ impl Listener {
                         transport: Transport::Unix,
                         tls: None,
                         peer_credentials,
+                        proxy: None,
                     },
                 })
             }

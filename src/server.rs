@@ -21,7 +21,8 @@ use smol::{channel, Timer};
 use crate::accept::{accept_loop, Shared};
 use crate::connection::{Addr, Connection, Transport};
 use crate::idle::IdleSweeper;
-use crate::listener::Endpoint;
+use crate::listener::{Endpoint, ListenOptions};
+use crate::proxy::ProxyProtocol;
 use crate::shutdown::{Lifecycle, Tracker};
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
@@ -81,6 +82,8 @@ pub struct Builder {
     endpoints: Vec<Endpoint>,
     #[cfg(feature = "tls")]
     tls_handshake_timeout: Duration,
+    /// A PROXY header first on TCP and TLS listeners.
+    proxy: Option<ProxyProtocol>,
 }
 
 impl Default for Builder {
@@ -95,6 +98,7 @@ impl Default for Builder {
             endpoints: Vec::new(),
             #[cfg(feature = "tls")]
             tls_handshake_timeout: Duration::from_secs(10),
+            proxy: None,
         }
     }
 }
@@ -203,6 +207,34 @@ impl Builder {
         self
     }
 
+    /// Expects a PROXY protocol header (v1 or v2) at the start of every connection to the TCP
+    /// and TLS listeners, from a load balancer such as HAProxy (`send-proxy-v2`), and takes the
+    /// client's address from it (default: `None`, no header). Never guessed: on a listener
+    /// with it, a connection without a valid header is closed; on one without, a header is
+    /// data like any other. Unix socket listeners are not affected. The header is read in the
+    /// connection's own task, before any TLS handshake, within [`ProxyProtocol::timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder()
+    ///     .proxy_protocol(Some(taskserve::ProxyProtocol::new())) // from loopback only
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut client = std::net::TcpStream::connect(server.local_addr())?;
+    /// client.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25000\r\nhello")?;
+    /// let mut reply = [0; 9];
+    /// client.read_exact(&mut reply)?;
+    /// assert_eq!(&reply, b"GOT:hello");
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn proxy_protocol(mut self, proxy: Option<ProxyProtocol>) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -279,10 +311,14 @@ impl Builder {
             ));
         }
         // All bound before anything starts: one that fails leaves nothing behind.
+        let options = ListenOptions {
+            backlog: self.backlog,
+            proxy: self.proxy.clone(),
+        };
         let listeners = self
             .endpoints
             .iter()
-            .map(|endpoint| endpoint.bind(self.backlog))
+            .map(|endpoint| endpoint.bind(&options))
             .collect::<io::Result<Vec<_>>>()?;
         let local_addrs: Vec<_> = listeners
             .iter()

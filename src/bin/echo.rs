@@ -79,6 +79,20 @@ struct Args {
     #[argh(switch)]
     no_tcp: bool,
 
+    /// expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) at the start
+    /// of each TCP and TLS connection, and take the client's address from it
+    #[argh(switch)]
+    proxy_protocol: bool,
+
+    /// with --proxy-protocol, the networks trusted to send the header, CIDR[,CIDR...]; others
+    /// are closed at once (default 127.0.0.0/8,::1: loopback only)
+    #[argh(option, from_str_fn(cidr_list))]
+    proxy_from: Option<Vec<taskserve::Cidr>>,
+
+    /// with --proxy-protocol, seconds a client has to send its whole header (default 5)
+    #[argh(option, default = "5", from_str_fn(at_least_one_u64))]
+    proxy_timeout: u64,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -101,6 +115,10 @@ fn thread_count(value: &str) -> Result<usize, String> {
         Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
         Err(e) => Err(format!("{e}")),
     }
+}
+
+fn cidr_list(value: &str) -> Result<Vec<taskserve::Cidr>, String> {
+    value.split(',').map(|cidr| cidr.trim().parse()).collect()
 }
 
 fn at_least_one_u64(value: &str) -> Result<u64, String> {
@@ -222,7 +240,8 @@ fn run(args: &Args) -> io::Result<()> {
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
         // Installed before the listening lines are printed: a script may signal right after.
-        .stop_on_signals(true);
+        .stop_on_signals(true)
+        .proxy_protocol(proxy_protocol(args)?);
     if !args.no_tcp {
         let addrs = resolve(&args.host, args.port)?;
         builder = match (&tls, args.tls_port) {
@@ -309,6 +328,22 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
         tls = tls.with_client_ca_file(ca)?;
     }
     Ok(Some(tls))
+}
+
+/// The PROXY protocol configuration the flags ask for, if any.
+fn proxy_protocol(args: &Args) -> io::Result<Option<taskserve::ProxyProtocol>> {
+    if !args.proxy_protocol {
+        if args.proxy_from.is_some() {
+            return Err(usage("--proxy-from needs --proxy-protocol"));
+        }
+        return Ok(None);
+    }
+    let mut proxy =
+        taskserve::ProxyProtocol::new().timeout(Duration::from_secs(args.proxy_timeout));
+    if let Some(networks) = &args.proxy_from {
+        proxy = proxy.trusted_sources(networks.iter().copied());
+    }
+    Ok(Some(proxy))
 }
 
 #[cfg(unix)]
