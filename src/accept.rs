@@ -28,6 +28,8 @@ pub(crate) struct Shared<H> {
     pub(crate) idle: Option<Arc<IdleSweeper>>,
     pub(crate) max_connections: usize,
     pub(crate) stop: StopHandle,
+    /// The per-client connection limit, if one is set.
+    pub(crate) per_client: Option<Arc<crate::per_client::PerClient>>,
     /// How long a TLS handshake may take.
     #[cfg(feature = "tls")]
     pub(crate) handshake_timeout: Duration,
@@ -108,8 +110,12 @@ where
             }
             continue;
         };
+        // Behind a proxy, the limit is checked once the header names the client (`stages`).
+        let Ok(client) = crate::per_client::admit(shared.per_client.as_ref(), &info, &peer) else {
+            continue;
+        };
         let stage = match stages(&listener, &shared, stream, info, &peer) {
-            Some(stage) => stage,
+            Some(stage) => crate::per_client::hold(client, stage),
             None => continue,
         };
         let idle = shared
@@ -145,6 +151,8 @@ where
         let run = async move {
             let mut stream = stream;
             let info = crate::proxy::read_header(&mut stream, info, &proxy, &peer).await?;
+            let _client =
+                crate::per_client::admit(shared.per_client.as_ref(), &info, &peer).ok()?;
             #[rustfmt::skip]
             let outcome = after_proxy(stream, info, #[cfg(feature = "tls")] tls, shared, peer);
             outcome.await
@@ -258,7 +266,7 @@ impl Backoff {
 
 /// Lets a log line through at most once a second, counting the ones it held back.
 #[derive(Debug, Default)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     last: Option<Instant>,
     held_back: u64,
 }
@@ -267,7 +275,7 @@ impl RateLimit {
     const INTERVAL: Duration = Duration::from_secs(1);
 
     /// `Some(lines held back since the last one)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < Self::INTERVAL => {
@@ -294,7 +302,7 @@ impl RateLimit {
 }
 
 /// ` (3 more not logged)` after a rate-limited line, or nothing when none were held back.
-fn unlogged(held_back: u64) -> String {
+pub(crate) fn unlogged(held_back: u64) -> String {
     if held_back == 0 {
         String::new()
     } else {

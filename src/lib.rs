@@ -87,6 +87,7 @@ mod connection;
 mod echo;
 mod idle;
 mod listener;
+mod per_client;
 mod proxy;
 mod server;
 mod shutdown;

@@ -84,6 +84,8 @@ pub struct Builder {
     tls_handshake_timeout: Duration,
     /// A PROXY header first on TCP and TLS listeners.
     proxy: Option<ProxyProtocol>,
+    max_connections_per_ip: Option<usize>,
+    ipv6_client_prefix: u8,
 }
 
 impl Default for Builder {
@@ -99,6 +101,8 @@ impl Default for Builder {
             #[cfg(feature = "tls")]
             tls_handshake_timeout: Duration::from_secs(10),
             proxy: None,
+            max_connections_per_ip: None,
+            ipv6_client_prefix: 64,
         }
     }
 }
@@ -235,6 +239,29 @@ impl Builder {
         self
     }
 
+    /// Connections served at once from one client address (default `None`, no limit), as
+    /// nginx's `limit_conn`: past it, a new connection from that address is accepted and
+    /// closed at once, with a warning at most once a second. The address is the client's
+    /// (from the PROXY header, with [`Builder::proxy_protocol`]); IPv4-mapped IPv6 addresses
+    /// count as IPv4, and IPv6 clients by their network ([`Builder::ipv6_client_prefix`]).
+    /// Unix socket clients are not limited. Must not be zero.
+    ///
+    /// Without a PROXY header, every client of a load balancer or of a large NAT has one
+    /// address: set it from the most connections one real client needs, times the clients
+    /// that may share an address.
+    pub fn max_connections_per_ip(mut self, max: Option<usize>) -> Self {
+        self.max_connections_per_ip = max;
+        self
+    }
+
+    /// How many leading bits of an IPv6 client's address make one client for
+    /// [`Builder::max_connections_per_ip`] (default 64: a site gets a /64 at least, and one
+    /// machine can use any address in it); 128 counts each address. At most 128.
+    pub fn ipv6_client_prefix(mut self, bits: u8) -> Self {
+        self.ipv6_client_prefix = bits;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -305,6 +332,14 @@ impl Builder {
         if self.max_connections == 0 {
             return Err(invalid_input("max_connections must be at least 1"));
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err(invalid_input(
+                "max_connections_per_ip must be at least 1 (None for no limit)",
+            ));
+        }
+        if self.ipv6_client_prefix > 128 {
+            return Err(invalid_input("ipv6_client_prefix must be at most 128"));
+        }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err(invalid_input(
                 "idle_timeout must be more than zero (None never times out)",
@@ -343,6 +378,12 @@ impl Builder {
             idle,
             max_connections: self.max_connections,
             stop: StopHandle(Arc::clone(&lifecycle)),
+            per_client: self.max_connections_per_ip.map(|max| {
+                Arc::new(crate::per_client::PerClient::new(
+                    max,
+                    self.ipv6_client_prefix,
+                ))
+            }),
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });

@@ -93,6 +93,13 @@ struct Args {
     #[argh(option, default = "5", from_str_fn(at_least_one_u64))]
     proxy_timeout: u64,
 
+    /// connections served at once from one client address (IPv6: one /64), the client's own
+    /// with --proxy-protocol; past it new ones are closed at once (default: no limit). Behind
+    /// a load balancer without --proxy-protocol, or a large NAT, many clients share one
+    /// address: allow the most one client needs times the clients behind one address
+    #[argh(option, from_str_fn(at_least_one))]
+    max_connections_per_ip: Option<usize>,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -241,7 +248,8 @@ fn run(args: &Args) -> io::Result<()> {
         .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
         // Installed before the listening lines are printed: a script may signal right after.
         .stop_on_signals(true)
-        .proxy_protocol(proxy_protocol(args)?);
+        .proxy_protocol(proxy_protocol(args)?)
+        .max_connections_per_ip(args.max_connections_per_ip);
     if !args.no_tcp {
         let addrs = resolve(&args.host, args.port)?;
         builder = match (&tls, args.tls_port) {
