@@ -5,10 +5,11 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::debug;
 use smol::Async;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::connection::{Addr, ConnectionInfo, Stream, Transport};
 use crate::proxy::ProxyProtocol;
@@ -61,7 +62,7 @@ impl Endpoint {
                 let addrs = addrs
                     .as_ref()
                     .map_err(|(kind, message)| io::Error::new(*kind, message.clone()))?;
-                let listener = bind_tcp(addrs, backlog)?;
+                let listener = bind_tcp(addrs, backlog, options.reuse_port)?;
                 let local_addr = Addr::Inet(listener.local_addr()?);
                 #[cfg(feature = "tls")]
                 if let Some(tls) = tls {
@@ -71,6 +72,7 @@ impl Endpoint {
                         transport: Transport::Tls,
                         tls: Some(tls.clone()),
                         proxy: options.proxy.clone(),
+                        keepalive: options.keepalive.map(keepalive),
                     });
                 }
                 Ok(Listener {
@@ -80,6 +82,7 @@ impl Endpoint {
                     #[cfg(feature = "tls")]
                     tls: None,
                     proxy: options.proxy.clone(),
+                    keepalive: options.keepalive.map(keepalive),
                 })
             }
             #[cfg(unix)]
@@ -95,6 +98,7 @@ impl Endpoint {
                     #[cfg(feature = "tls")]
                     tls: None,
                     proxy: None,
+                    keepalive: None,
                 })
             }
         }
@@ -107,6 +111,10 @@ pub(crate) struct ListenOptions {
     pub(crate) backlog: u32,
     /// For TCP and TLS listeners: a PROXY header comes first.
     pub(crate) proxy: Option<ProxyProtocol>,
+    /// SO_REUSEPORT on TCP listeners: several processes may bind one address.
+    pub(crate) reuse_port: bool,
+    /// TCP keepalive on accepted TCP connections: idle time before the first probe.
+    pub(crate) keepalive: Option<Duration>,
 }
 
 /// A bound listening socket.
@@ -121,6 +129,8 @@ pub(crate) struct Listener {
     tls: Option<TlsConfig>,
     /// Whether a PROXY header comes first, and from whom it is trusted.
     proxy: Option<ProxyProtocol>,
+    /// Set on each accepted TCP connection.
+    keepalive: Option<TcpKeepalive>,
 }
 
 #[derive(Debug)]
@@ -174,6 +184,11 @@ impl Listener {
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!("{peer}: cannot set TCP_NODELAY: {e}");
                 }
+                if let Some(keepalive) = &self.keepalive {
+                    if let Err(e) = SockRef::from(&stream).set_tcp_keepalive(keepalive) {
+                        debug!("{peer}: cannot set TCP keepalive: {e}");
+                    }
+                }
                 Ok(Accepted {
                     stream: Stream::Tcp(async_net::TcpStream::try_from(stream)?),
                     info: ConnectionInfo {
@@ -213,10 +228,10 @@ fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>, (io::ErrorKind, 
 }
 
 /// Binds the first address of `addrs` that can be bound, with the given listen backlog.
-fn bind_tcp(addrs: &[SocketAddr], backlog: u32) -> io::Result<TcpListener> {
+fn bind_tcp(addrs: &[SocketAddr], backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let mut last_error = None;
     for &addr in addrs {
-        match bind_one(addr, backlog) {
+        match bind_one(addr, backlog, reuse_port) {
             Ok(listener) => return Ok(listener),
             Err(e) => {
                 last_error = Some(io::Error::new(
@@ -230,14 +245,30 @@ fn bind_tcp(addrs: &[SocketAddr], backlog: u32) -> io::Result<TcpListener> {
         .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
 }
 
-fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As std does on Unix: a restarted server can bind while old connections sit in TIME_WAIT.
     // It does not let two servers share a port.
     socket.set_reuse_address(true)?;
+    // This does: every socket of the group must set it (and belong to the same user); the
+    // kernel spreads new connections over them.
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(clamp_backlog(backlog))?;
     Ok(socket.into())
+}
+
+/// Keepalive probes after `idle` without traffic, then every third of it (at least a second),
+/// three of them: a dead peer is found within twice `idle`.
+fn keepalive(idle: Duration) -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(idle);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    keepalive
 }
 
 fn clamp_backlog(backlog: u32) -> i32 {

@@ -86,6 +86,8 @@ pub struct Builder {
     proxy: Option<ProxyProtocol>,
     max_connections_per_ip: Option<usize>,
     ipv6_client_prefix: u8,
+    reuse_port: bool,
+    keepalive: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -103,6 +105,8 @@ impl Default for Builder {
             proxy: None,
             max_connections_per_ip: None,
             ipv6_client_prefix: 64,
+            reuse_port: false,
+            keepalive: None,
         }
     }
 }
@@ -262,6 +266,25 @@ impl Builder {
         self
     }
 
+    /// Sets SO_REUSEPORT on the TCP and TLS listeners (default: no), so that several
+    /// processes (each with it) can listen on one address and the kernel spreads new
+    /// connections over them: to use more processes, or to start a new version before the old
+    /// one stops (see the README's restarts section).
+    pub fn reuse_port(mut self, yes: bool) -> Self {
+        self.reuse_port = yes;
+        self
+    }
+
+    /// TCP keepalive on every TCP (and TLS) connection (default `None`: off): after `idle`
+    /// without traffic the kernel probes the peer, every third of `idle` (at least 1 s), and
+    /// closes the connection after three probes go unanswered. So a peer that vanished (a NAT
+    /// that forgot the connection, a machine switched off) is found within twice `idle`, well
+    /// before a long idle timeout; the handler's next read fails then. Must not be zero.
+    pub fn keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.keepalive = idle;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -337,6 +360,11 @@ impl Builder {
                 "max_connections_per_ip must be at least 1 (None for no limit)",
             ));
         }
+        if self.keepalive == Some(Duration::ZERO) {
+            return Err(invalid_input(
+                "keepalive must be more than zero (None for off)",
+            ));
+        }
         if self.ipv6_client_prefix > 128 {
             return Err(invalid_input("ipv6_client_prefix must be at most 128"));
         }
@@ -349,6 +377,8 @@ impl Builder {
         let options = ListenOptions {
             backlog: self.backlog,
             proxy: self.proxy.clone(),
+            reuse_port: self.reuse_port,
+            keepalive: self.keepalive,
         };
         let listeners = self
             .endpoints

@@ -100,6 +100,16 @@ struct Args {
     #[argh(option, from_str_fn(at_least_one))]
     max_connections_per_ip: Option<usize>,
 
+    /// set SO_REUSEPORT, so that several echo processes (each with --reuse-port) share one
+    /// address and the kernel spreads connections over them; also for restarts
+    #[argh(switch)]
+    reuse_port: bool,
+
+    /// seconds without traffic before TCP keepalive probes a client, then every third of it;
+    /// a vanished peer is closed within twice this (default: off)
+    #[argh(option, from_str_fn(at_least_one_u64))]
+    keepalive: Option<u64>,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -249,7 +259,9 @@ fn run(args: &Args) -> io::Result<()> {
         // Installed before the listening lines are printed: a script may signal right after.
         .stop_on_signals(true)
         .proxy_protocol(proxy_protocol(args)?)
-        .max_connections_per_ip(args.max_connections_per_ip);
+        .max_connections_per_ip(args.max_connections_per_ip)
+        .reuse_port(args.reuse_port)
+        .keepalive(args.keepalive.map(Duration::from_secs));
     if !args.no_tcp {
         let addrs = resolve(&args.host, args.port)?;
         builder = match (&tls, args.tls_port) {
