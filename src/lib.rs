@@ -91,6 +91,8 @@ mod per_client;
 mod proxy;
 mod server;
 mod shutdown;
+#[cfg(unix)]
+mod systemd;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;

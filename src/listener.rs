@@ -27,6 +27,13 @@ pub(crate) enum Endpoint {
     },
     #[cfg(unix)]
     Unix(PathBuf),
+    /// The listening sockets passed by systemd (socket activation), TCP ones with this TLS
+    /// configuration if any.
+    #[cfg(unix)]
+    Systemd {
+        #[cfg(feature = "tls")]
+        tls: Option<TlsConfig>,
+    },
 }
 
 impl Endpoint {
@@ -47,13 +54,22 @@ impl Endpoint {
     }
 
     #[cfg(unix)]
+    pub(crate) fn systemd(#[cfg(feature = "tls")] tls: Option<TlsConfig>) -> Self {
+        Endpoint::Systemd {
+            #[cfg(feature = "tls")]
+            tls,
+        }
+    }
+
+    #[cfg(unix)]
     pub(crate) fn unix(path: impl AsRef<Path>) -> Self {
         Endpoint::Unix(path.as_ref().to_path_buf())
     }
 
-    pub(crate) fn bind(&self, options: &ListenOptions) -> io::Result<Listener> {
+    /// Binds the endpoint: one listener, or for systemd's sockets as many as were passed.
+    pub(crate) fn bind_all(&self, options: &ListenOptions) -> io::Result<Vec<Listener>> {
         let backlog = options.backlog;
-        match self {
+        let listener = match self {
             Endpoint::Tcp {
                 addrs,
                 #[cfg(feature = "tls")]
@@ -63,45 +79,75 @@ impl Endpoint {
                     .as_ref()
                     .map_err(|(kind, message)| io::Error::new(*kind, message.clone()))?;
                 let listener = bind_tcp(addrs, backlog, options.reuse_port)?;
-                let local_addr = Addr::Inet(listener.local_addr()?);
-                #[cfg(feature = "tls")]
-                if let Some(tls) = tls {
-                    return Ok(Listener {
-                        socket: Bound::Tcp(Async::new(listener)?),
-                        local_addr,
-                        transport: Transport::Tls,
-                        tls: Some(tls.clone()),
-                        proxy: options.proxy.clone(),
-                        keepalive: options.keepalive.map(keepalive),
-                    });
-                }
-                Ok(Listener {
-                    socket: Bound::Tcp(Async::new(listener)?),
-                    local_addr,
-                    transport: Transport::Tcp,
-                    #[cfg(feature = "tls")]
-                    tls: None,
-                    proxy: options.proxy.clone(),
-                    keepalive: options.keepalive.map(keepalive),
-                })
+                #[rustfmt::skip]
+                let listener = Listener::tcp(listener, options, #[cfg(feature = "tls")] tls.as_ref());
+                listener
             }
             #[cfg(unix)]
             Endpoint::Unix(path) => {
                 let (listener, file) = unix::bind(path, backlog)?;
-                Ok(Listener {
-                    socket: Bound::Unix {
-                        listener: Async::new(listener)?,
-                        _file: file,
-                    },
-                    local_addr: Addr::Unix(Some(Arc::from(path.as_path()))),
-                    transport: Transport::Unix,
-                    #[cfg(feature = "tls")]
-                    tls: None,
-                    proxy: None,
-                    keepalive: None,
-                })
+                Listener::unix(listener, Some(file))
             }
+            #[cfg(unix)]
+            #[cfg(feature = "tls")]
+            Endpoint::Systemd { tls } => return crate::systemd::inherited(options, tls.as_ref()),
+            #[cfg(unix)]
+            #[cfg(not(feature = "tls"))]
+            Endpoint::Systemd {} => return crate::systemd::inherited(options),
+        };
+        listener.map(|listener| vec![listener])
+    }
+}
+
+impl Listener {
+    /// A TCP listener (TLS with `tls`), bound already.
+    pub(crate) fn tcp(
+        listener: TcpListener,
+        options: &ListenOptions,
+        #[cfg(feature = "tls")] tls: Option<&TlsConfig>,
+    ) -> io::Result<Listener> {
+        let local_addr = Addr::Inet(listener.local_addr()?);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = tls {
+            return Ok(Listener {
+                socket: Bound::Tcp(Async::new(listener)?),
+                local_addr,
+                transport: Transport::Tls,
+                tls: Some(tls.clone()),
+                proxy: options.proxy.clone(),
+                keepalive: options.keepalive.map(keepalive),
+            });
         }
+        Ok(Listener {
+            socket: Bound::Tcp(Async::new(listener)?),
+            local_addr,
+            transport: Transport::Tcp,
+            #[cfg(feature = "tls")]
+            tls: None,
+            proxy: options.proxy.clone(),
+            keepalive: options.keepalive.map(keepalive),
+        })
+    }
+
+    /// A Unix socket listener; `file`, when we made the socket file, is removed on drop.
+    #[cfg(unix)]
+    pub(crate) fn unix(
+        listener: std::os::unix::net::UnixListener,
+        file: Option<unix::SocketFile>,
+    ) -> io::Result<Listener> {
+        let path = listener.local_addr()?.as_pathname().map(Arc::from);
+        Ok(Listener {
+            socket: Bound::Unix {
+                listener: Async::new(listener)?,
+                _file: file,
+            },
+            local_addr: Addr::Unix(path),
+            transport: Transport::Unix,
+            #[cfg(feature = "tls")]
+            tls: None,
+            proxy: None,
+            keepalive: None,
+        })
     }
 }
 
@@ -139,8 +185,9 @@ enum Bound {
     #[cfg(unix)]
     Unix {
         listener: Async<std::os::unix::net::UnixListener>,
-        /// Held for its drop, which removes the socket file.
-        _file: unix::SocketFile,
+        /// Held for its drop, which removes the socket file; `None` for a socket systemd
+        /// passed, whose file is systemd's.
+        _file: Option<unix::SocketFile>,
     },
 }
 

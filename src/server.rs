@@ -88,6 +88,7 @@ pub struct Builder {
     ipv6_client_prefix: u8,
     reuse_port: bool,
     keepalive: Option<Duration>,
+    notify_systemd: bool,
 }
 
 impl Default for Builder {
@@ -107,6 +108,7 @@ impl Default for Builder {
             ipv6_client_prefix: 64,
             reuse_port: false,
             keepalive: None,
+            notify_systemd: false,
         }
     }
 }
@@ -285,6 +287,48 @@ impl Builder {
         self
     }
 
+    /// Serves the listening sockets systemd passed to the process (socket activation:
+    /// `LISTEN_FDS` and `LISTEN_PID`, as `sd_listen_fds(3)` reads them) instead of binding
+    /// them: TCP ones as plain TCP listeners, Unix stream ones as Unix listeners. They outlive
+    /// the process, so clients that connect while it restarts wait in their backlog. Reading
+    /// them unsets the two variables. Works with `systemd-socket-activate -l 25000 PROGRAM`
+    /// too.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let server = taskserve::Server::builder()
+    ///     .listen_systemd()
+    ///     .notify_systemd(true)
+    ///     .start_listeners(taskserve::echo)?;
+    /// server.wait();
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// `start` fails with [`io::ErrorKind::NotFound`] when none were passed.
+    #[cfg(unix)]
+    pub fn listen_systemd(mut self) -> Self {
+        #[rustfmt::skip]
+        let endpoint = Endpoint::systemd(#[cfg(feature = "tls")] None);
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// As [`Builder::listen_systemd`], with TLS on the TCP sockets.
+    #[cfg(all(unix, feature = "tls"))]
+    pub fn listen_systemd_tls(mut self, tls: TlsConfig) -> Self {
+        self.endpoints.push(Endpoint::systemd(Some(tls)));
+        self
+    }
+
+    /// Tells systemd (through `NOTIFY_SOCKET`, when set) `READY=1` once the server serves,
+    /// and `STOPPING=1` when a stop begins, for a `Type=notify` service (default: no; [`serve`]
+    /// says yes). Only one server of a process should.
+    pub fn notify_systemd(mut self, yes: bool) -> Self {
+        self.notify_systemd = yes;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -380,11 +424,14 @@ impl Builder {
             reuse_port: self.reuse_port,
             keepalive: self.keepalive,
         };
-        let listeners = self
+        let listeners: Vec<_> = self
             .endpoints
             .iter()
-            .map(|endpoint| endpoint.bind(&options))
-            .collect::<io::Result<Vec<_>>>()?;
+            .map(|endpoint| endpoint.bind_all(&options))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         let local_addrs: Vec<_> = listeners
             .iter()
             .map(|l| (l.local_addr().clone(), l.transport()))
@@ -479,14 +526,23 @@ impl Builder {
                 .spawn(forward_signals(signals, Arc::clone(&lifecycle), reload))
                 .detach();
         }
+        let notify_systemd = self.notify_systemd;
         lifecycle.set_stop(Box::new(move |lifecycle| {
             info!("stopping");
+            #[cfg(unix)]
+            if notify_systemd {
+                crate::systemd::notify_stopping();
+            }
             running.finish(lifecycle.hurried());
         }));
         // At debug: the caller has the address from `local_addr` and says it where its users
         // look (`echo` prints it on stdout); `serve`, whose caller cannot, logs it at info.
         for (addr, transport) in &server.local_addrs {
             debug!("listening on {addr} ({transport})");
+        }
+        #[cfg(unix)]
+        if self.notify_systemd {
+            crate::systemd::notify_ready();
         }
         Ok(server)
     }
@@ -503,7 +559,10 @@ impl Builder {
         H: Fn(Connection) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
-        let server = self.stop_on_signals(true).start(addr, handler)?;
+        let server = self
+            .stop_on_signals(true)
+            .notify_systemd(true)
+            .start(addr, handler)?;
         for (addr, transport) in server.local_addrs() {
             info!("listening on {addr} ({transport})");
         }

@@ -261,8 +261,12 @@ fn run(args: &Args) -> io::Result<()> {
         .proxy_protocol(proxy_protocol(args)?)
         .max_connections_per_ip(args.max_connections_per_ip)
         .reuse_port(args.reuse_port)
-        .keepalive(args.keepalive.map(Duration::from_secs));
-    if !args.no_tcp {
+        .keepalive(args.keepalive.map(Duration::from_secs))
+        .notify_systemd(true);
+    if socket_activated() {
+        // Started by systemd (or systemd-socket-activate): its sockets take --port's place.
+        builder = listen_systemd(builder, tls.as_ref().filter(|_| args.tls_port.is_none()))?;
+    } else if !args.no_tcp {
         let addrs = resolve(&args.host, args.port)?;
         builder = match (&tls, args.tls_port) {
             (Some(tls), None) => builder.listen_tls(&addrs[..], tls.clone()),
@@ -348,6 +352,30 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
         tls = tls.with_client_ca_file(ca)?;
     }
     Ok(Some(tls))
+}
+
+/// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
+fn socket_activated() -> bool {
+    cfg!(unix) && std::env::var_os("LISTEN_FDS").is_some()
+}
+
+#[cfg(unix)]
+fn listen_systemd(
+    builder: taskserve::Builder,
+    tls: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Ok(match tls {
+        Some(tls) => builder.listen_systemd_tls(tls.clone()),
+        None => builder.listen_systemd(),
+    })
+}
+
+#[cfg(not(unix))]
+fn listen_systemd(
+    _: taskserve::Builder,
+    _: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Err(usage("socket activation is not available on this system"))
 }
 
 /// The PROXY protocol configuration the flags ask for, if any.
