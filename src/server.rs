@@ -271,7 +271,7 @@ impl Builder {
     /// Sets SO_REUSEPORT on the TCP and TLS listeners (default: no), so that several
     /// processes (each with it) can listen on one address and the kernel spreads new
     /// connections over them: to use more processes, or to start a new version before the old
-    /// one stops (see the README's restarts section).
+    /// one stops.
     pub fn reuse_port(mut self, yes: bool) -> Self {
         self.reuse_port = yes;
         self
