@@ -31,6 +31,8 @@ pub(crate) struct Shared<H> {
     pub(crate) stop: StopHandle,
     /// The server's counters, and the connection hooks.
     pub(crate) metrics: Arc<Metrics>,
+    /// The per-client connection limit, if one is set.
+    pub(crate) per_client: Option<Arc<crate::per_client::PerClient>>,
     /// How long a TLS handshake may take.
     #[cfg(feature = "tls")]
     pub(crate) handshake_timeout: Duration,
@@ -100,7 +102,11 @@ where
             );
         }
         shared.metrics.count_accepted();
-        let peer = Peer::of(&info);
+        // On a PROXY listener, an untrusted source is closed here, before it takes a slot.
+        let Some(peer) = crate::proxy::peer(listener.proxy(), &info) else {
+            shared.metrics.count_refused(RefusalReason::UntrustedProxy);
+            continue;
+        };
         let Some(slot) = shared.tracker.try_open(max_connections) else {
             // Accept and close, rather than leave clients hanging in the backlog.
             drop(stream);
@@ -113,9 +119,14 @@ where
             }
             continue;
         };
+        // Behind a proxy, the limit is checked once the header names the client (`stages`).
+        let Ok(client) = crate::per_client::admit(shared.per_client.as_ref(), &info, &peer) else {
+            shared.metrics.count_refused(RefusalReason::PerClientLimit);
+            continue;
+        };
         let meter = Meter::start(&shared.metrics, &info);
         let stage = match stages(&listener, &shared, stream, info, &peer, &meter) {
-            Some(stage) => stage,
+            Some(stage) => crate::per_client::hold(client, stage),
             None => continue,
         };
         let idle = shared
@@ -144,20 +155,35 @@ where
     H: Fn(Connection) -> F + Send + Sync + 'static,
     F: Future<Output = io::Result<()>> + Send + 'static,
 {
+    // Inside the connection's task, with its own deadlines: a slow client delays no one.
+    if let Some(proxy) = listener.proxy() {
+        let (proxy, shared, peer) = (proxy.clone(), Arc::clone(shared), peer.clone());
+        let meter = Arc::clone(meter);
+        #[cfg(feature = "tls")]
+        let tls = listener.tls().cloned();
+        let run = async move {
+            let mut stream = stream;
+            let info = crate::proxy::read_header(&mut stream, info, &proxy, &peer).await?;
+            // Refused here, the connection counts as closed by its stage (it had a slot).
+            let _client =
+                crate::per_client::admit(shared.per_client.as_ref(), &info, &peer).ok()?;
+            #[rustfmt::skip]
+            let outcome =
+                after_proxy(stream, info, #[cfg(feature = "tls")] tls, shared, peer, meter);
+            outcome.await
+        };
+        return Some(Stage::Staged { run: Box::pin(run) });
+    }
     #[cfg(feature = "tls")]
     if let Some(tls) = listener.tls() {
-        let (tls, shared, peer) = (tls.clone(), Arc::clone(shared), peer.clone());
-        let meter = Arc::clone(meter);
-        let timeout = shared.handshake_timeout;
-        // Inside the connection's task, with its own deadlines: a slow client delays no one.
-        let run = async move {
-            let (stream, info, closing) =
-                crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
-            let connection = Connection::new(stream, info, shared.stop.clone(), meter);
-            let outcome = (shared.handler)(connection).await;
-            closing.close(timeout, &peer).await;
-            Some(outcome)
-        };
+        let run = after_proxy(
+            stream,
+            info,
+            Some(tls.clone()),
+            Arc::clone(shared),
+            peer.clone(),
+            Arc::clone(meter),
+        );
         return Some(Stage::Staged { run: Box::pin(run) });
     }
     #[cfg(not(feature = "tls"))]
@@ -172,6 +198,35 @@ where
             None
         }
     }
+}
+
+/// The stages after a PROXY header (or from the start, without one): on a TLS listener the
+/// handshake, the handler, then the TLS close; on the others the handler alone.
+async fn after_proxy<H, F>(
+    stream: Stream,
+    info: crate::connection::ConnectionInfo,
+    #[cfg(feature = "tls")] tls: Option<crate::tls::TlsConfig>,
+    shared: Arc<Shared<H>>,
+    peer: Peer,
+    meter: Arc<Meter>,
+) -> Option<io::Result<()>>
+where
+    H: Fn(Connection) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    #[cfg(feature = "tls")]
+    if let Some(tls) = tls {
+        let timeout = shared.handshake_timeout;
+        let (stream, info, closing) =
+            crate::tls::handshake(stream, info, &tls, timeout, &peer).await?;
+        let connection = Connection::new(stream, info, shared.stop.clone(), meter);
+        let outcome = (shared.handler)(connection).await;
+        closing.close(timeout, &peer).await;
+        return Some(outcome);
+    }
+    let _ = peer;
+    let connection = Connection::new(stream, info, shared.stop.clone(), meter);
+    Some((shared.handler)(connection).await)
 }
 
 /// Accept errors about the client at the head of the queue (it gave up, or its network did),
@@ -229,7 +284,7 @@ impl Backoff {
 
 /// Lets a log line through at most once a second, counting the ones it held back.
 #[derive(Debug, Default)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     last: Option<Instant>,
     held_back: u64,
 }
@@ -238,7 +293,7 @@ impl RateLimit {
     const INTERVAL: Duration = Duration::from_secs(1);
 
     /// `Some(lines held back since the last one)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
+    pub(crate) fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < Self::INTERVAL => {
@@ -265,7 +320,7 @@ impl RateLimit {
 }
 
 /// ` (3 more not logged)` after a rate-limited line, or nothing when none were held back.
-fn unlogged(held_back: u64) -> String {
+pub(crate) fn unlogged(held_back: u64) -> String {
     if held_back == 0 {
         String::new()
     } else {

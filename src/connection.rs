@@ -241,6 +241,12 @@ pub struct ConnectionInfo {
     pub tls: Option<TlsInfo>,
     /// Who the client is, on a Unix socket, where the operating system tells.
     pub peer_credentials: Option<PeerCredentials>,
+    /// What the PROXY header said, on a listener with [`Builder::proxy_protocol`]: then
+    /// `peer_addr` is the client it named, and this holds the proxy's own address and the
+    /// header's TLVs (authority, ALPN).
+    ///
+    /// [`Builder::proxy_protocol`]: crate::Builder::proxy_protocol
+    pub proxy: Option<crate::proxy::ProxyInfo>,
 }
 
 /// How a client connected.

@@ -91,15 +91,20 @@ mod idle;
 mod listener;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod per_client;
+mod proxy;
 mod server;
 mod shutdown;
 mod stats;
+#[cfg(unix)]
+mod systemd;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;
 
 pub use connection::{Addr, Connection, ConnectionInfo, PeerCredentials, TlsInfo, Transport};
 pub use echo::{echo, READ_SIZE};
+pub use proxy::{Cidr, ProxyInfo, ProxyProtocol};
 pub use server::{serve, Builder, Server, StopHandle};
 pub use stats::{CloseReason, ConnectionReport, RefusalReason, Stats};
 #[cfg(feature = "tls")]

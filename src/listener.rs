@@ -5,12 +5,14 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::debug;
 use smol::Async;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::connection::{Addr, ConnectionInfo, Stream, Transport};
+use crate::proxy::ProxyProtocol;
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 
@@ -25,6 +27,13 @@ pub(crate) enum Endpoint {
     },
     #[cfg(unix)]
     Unix(PathBuf),
+    /// The listening sockets passed by systemd (socket activation), TCP ones with this TLS
+    /// configuration if any.
+    #[cfg(unix)]
+    Systemd {
+        #[cfg(feature = "tls")]
+        tls: Option<TlsConfig>,
+    },
 }
 
 impl Endpoint {
@@ -45,12 +54,22 @@ impl Endpoint {
     }
 
     #[cfg(unix)]
+    pub(crate) fn systemd(#[cfg(feature = "tls")] tls: Option<TlsConfig>) -> Self {
+        Endpoint::Systemd {
+            #[cfg(feature = "tls")]
+            tls,
+        }
+    }
+
+    #[cfg(unix)]
     pub(crate) fn unix(path: impl AsRef<Path>) -> Self {
         Endpoint::Unix(path.as_ref().to_path_buf())
     }
 
-    pub(crate) fn bind(&self, backlog: u32) -> io::Result<Listener> {
-        match self {
+    /// Binds the endpoint: one listener, or for systemd's sockets as many as were passed.
+    pub(crate) fn bind_all(&self, options: &ListenOptions) -> io::Result<Vec<Listener>> {
+        let backlog = options.backlog;
+        let listener = match self {
             Endpoint::Tcp {
                 addrs,
                 #[cfg(feature = "tls")]
@@ -59,41 +78,89 @@ impl Endpoint {
                 let addrs = addrs
                     .as_ref()
                     .map_err(|(kind, message)| io::Error::new(*kind, message.clone()))?;
-                let listener = bind_tcp(addrs, backlog)?;
-                let local_addr = Addr::Inet(listener.local_addr()?);
-                #[cfg(feature = "tls")]
-                if let Some(tls) = tls {
-                    return Ok(Listener {
-                        socket: Bound::Tcp(Async::new(listener)?),
-                        local_addr,
-                        transport: Transport::Tls,
-                        tls: Some(tls.clone()),
-                    });
-                }
-                Ok(Listener {
-                    socket: Bound::Tcp(Async::new(listener)?),
-                    local_addr,
-                    transport: Transport::Tcp,
-                    #[cfg(feature = "tls")]
-                    tls: None,
-                })
+                let listener = bind_tcp(addrs, backlog, options.reuse_port)?;
+                #[rustfmt::skip]
+                let listener = Listener::tcp(listener, options, #[cfg(feature = "tls")] tls.as_ref());
+                listener
             }
             #[cfg(unix)]
             Endpoint::Unix(path) => {
                 let (listener, file) = unix::bind(path, backlog)?;
-                Ok(Listener {
-                    socket: Bound::Unix {
-                        listener: Async::new(listener)?,
-                        _file: file,
-                    },
-                    local_addr: Addr::Unix(Some(Arc::from(path.as_path()))),
-                    transport: Transport::Unix,
-                    #[cfg(feature = "tls")]
-                    tls: None,
-                })
+                Listener::unix(listener, Some(file))
             }
-        }
+            #[cfg(unix)]
+            #[cfg(feature = "tls")]
+            Endpoint::Systemd { tls } => return crate::systemd::inherited(options, tls.as_ref()),
+            #[cfg(unix)]
+            #[cfg(not(feature = "tls"))]
+            Endpoint::Systemd {} => return crate::systemd::inherited(options),
+        };
+        listener.map(|listener| vec![listener])
     }
+}
+
+impl Listener {
+    /// A TCP listener (TLS with `tls`), bound already.
+    pub(crate) fn tcp(
+        listener: TcpListener,
+        options: &ListenOptions,
+        #[cfg(feature = "tls")] tls: Option<&TlsConfig>,
+    ) -> io::Result<Listener> {
+        let local_addr = Addr::Inet(listener.local_addr()?);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = tls {
+            return Ok(Listener {
+                socket: Bound::Tcp(Async::new(listener)?),
+                local_addr,
+                transport: Transport::Tls,
+                tls: Some(tls.clone()),
+                proxy: options.proxy.clone(),
+                keepalive: options.keepalive.map(keepalive),
+            });
+        }
+        Ok(Listener {
+            socket: Bound::Tcp(Async::new(listener)?),
+            local_addr,
+            transport: Transport::Tcp,
+            #[cfg(feature = "tls")]
+            tls: None,
+            proxy: options.proxy.clone(),
+            keepalive: options.keepalive.map(keepalive),
+        })
+    }
+
+    /// A Unix socket listener; `file`, when we made the socket file, is removed on drop.
+    #[cfg(unix)]
+    pub(crate) fn unix(
+        listener: std::os::unix::net::UnixListener,
+        file: Option<unix::SocketFile>,
+    ) -> io::Result<Listener> {
+        let path = listener.local_addr()?.as_pathname().map(Arc::from);
+        Ok(Listener {
+            socket: Bound::Unix {
+                listener: Async::new(listener)?,
+                _file: file,
+            },
+            local_addr: Addr::Unix(path),
+            transport: Transport::Unix,
+            #[cfg(feature = "tls")]
+            tls: None,
+            proxy: None,
+            keepalive: None,
+        })
+    }
+}
+
+/// What the builder sets for all its listeners.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ListenOptions {
+    pub(crate) backlog: u32,
+    /// For TCP and TLS listeners: a PROXY header comes first.
+    pub(crate) proxy: Option<ProxyProtocol>,
+    /// SO_REUSEPORT on TCP listeners: several processes may bind one address.
+    pub(crate) reuse_port: bool,
+    /// TCP keepalive on accepted TCP connections: idle time before the first probe.
+    pub(crate) keepalive: Option<Duration>,
 }
 
 /// A bound listening socket.
@@ -106,6 +173,10 @@ pub(crate) struct Listener {
     transport: Transport,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
+    /// Whether a PROXY header comes first, and from whom it is trusted.
+    proxy: Option<ProxyProtocol>,
+    /// Set on each accepted TCP connection.
+    keepalive: Option<TcpKeepalive>,
 }
 
 #[derive(Debug)]
@@ -114,8 +185,9 @@ enum Bound {
     #[cfg(unix)]
     Unix {
         listener: Async<std::os::unix::net::UnixListener>,
-        /// Held for its drop, which removes the socket file.
-        _file: unix::SocketFile,
+        /// Held for its drop, which removes the socket file; `None` for a socket systemd
+        /// passed, whose file is systemd's.
+        _file: Option<unix::SocketFile>,
     },
 }
 
@@ -133,6 +205,11 @@ impl Listener {
 
     pub(crate) fn transport(&self) -> Transport {
         self.transport
+    }
+
+    /// The PROXY protocol configuration of a listener that expects a header first.
+    pub(crate) fn proxy(&self) -> Option<&ProxyProtocol> {
+        self.proxy.as_ref()
     }
 
     /// The TLS configuration of a TLS listener.
@@ -154,6 +231,11 @@ impl Listener {
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!("{peer}: cannot set TCP_NODELAY: {e}");
                 }
+                if let Some(keepalive) = &self.keepalive {
+                    if let Err(e) = SockRef::from(&stream).set_tcp_keepalive(keepalive) {
+                        debug!("{peer}: cannot set TCP keepalive: {e}");
+                    }
+                }
                 Ok(Accepted {
                     stream: Stream::Tcp(async_net::TcpStream::try_from(stream)?),
                     info: ConnectionInfo {
@@ -162,6 +244,7 @@ impl Listener {
                         transport: Transport::Tcp,
                         tls: None,
                         peer_credentials: None,
+                        proxy: None,
                     },
                 })
             }
@@ -177,6 +260,7 @@ impl Listener {
                         transport: Transport::Unix,
                         tls: None,
                         peer_credentials,
+                        proxy: None,
                     },
                 })
             }
@@ -191,10 +275,10 @@ fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>, (io::ErrorKind, 
 }
 
 /// Binds the first address of `addrs` that can be bound, with the given listen backlog.
-fn bind_tcp(addrs: &[SocketAddr], backlog: u32) -> io::Result<TcpListener> {
+fn bind_tcp(addrs: &[SocketAddr], backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let mut last_error = None;
     for &addr in addrs {
-        match bind_one(addr, backlog) {
+        match bind_one(addr, backlog, reuse_port) {
             Ok(listener) => return Ok(listener),
             Err(e) => {
                 last_error = Some(io::Error::new(
@@ -208,14 +292,30 @@ fn bind_tcp(addrs: &[SocketAddr], backlog: u32) -> io::Result<TcpListener> {
         .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
 }
 
-fn bind_one(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As std does on Unix: a restarted server can bind while old connections sit in TIME_WAIT.
     // It does not let two servers share a port.
     socket.set_reuse_address(true)?;
+    // This does: every socket of the group must set it (and belong to the same user); the
+    // kernel spreads new connections over them.
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(clamp_backlog(backlog))?;
     Ok(socket.into())
+}
+
+/// Keepalive probes after `idle` without traffic, then every third of it (at least a second),
+/// three of them: a dead peer is found within twice `idle`.
+fn keepalive(idle: Duration) -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(idle);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    keepalive
 }
 
 fn clamp_backlog(backlog: u32) -> i32 {

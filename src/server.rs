@@ -21,7 +21,8 @@ use smol::{channel, Timer};
 use crate::accept::{accept_loop, Shared};
 use crate::connection::{Addr, Connection, Transport};
 use crate::idle::IdleSweeper;
-use crate::listener::Endpoint;
+use crate::listener::{Endpoint, ListenOptions};
+use crate::proxy::ProxyProtocol;
 use crate::shutdown::{Lifecycle, Tracker};
 use crate::stats::{ConnectionReport, Hooks, Metrics, Stats};
 #[cfg(feature = "tls")]
@@ -87,6 +88,13 @@ pub struct Builder {
     /// Where the Prometheus endpoint listens, if anywhere.
     #[cfg(feature = "metrics")]
     metrics: Option<Endpoint>,
+    /// A PROXY header first on TCP and TLS listeners.
+    proxy: Option<ProxyProtocol>,
+    max_connections_per_ip: Option<usize>,
+    ipv6_client_prefix: u8,
+    reuse_port: bool,
+    keepalive: Option<Duration>,
+    notify_systemd: bool,
 }
 
 impl Default for Builder {
@@ -104,6 +112,12 @@ impl Default for Builder {
             hooks: Hooks::default(),
             #[cfg(feature = "metrics")]
             metrics: None,
+            proxy: None,
+            max_connections_per_ip: None,
+            ipv6_client_prefix: 64,
+            reuse_port: false,
+            keepalive: None,
+            notify_systemd: false,
         }
     }
 }
@@ -291,6 +305,118 @@ impl Builder {
         self
     }
 
+    /// Expects a PROXY protocol header (v1 or v2) at the start of every connection to the TCP
+    /// and TLS listeners, from a load balancer such as HAProxy (`send-proxy-v2`), and takes the
+    /// client's address from it (default: `None`, no header). Never guessed: on a listener
+    /// with it, a connection without a valid header is closed; on one without, a header is
+    /// data like any other. Unix socket listeners are not affected. The header is read in the
+    /// connection's own task, before any TLS handshake, within [`ProxyProtocol::timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder()
+    ///     .proxy_protocol(Some(taskserve::ProxyProtocol::new())) // from loopback only
+    ///     .start("127.0.0.1:0", taskserve::echo)?;
+    /// let mut client = std::net::TcpStream::connect(server.local_addr())?;
+    /// client.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25000\r\nhello")?;
+    /// let mut reply = [0; 9];
+    /// client.read_exact(&mut reply)?;
+    /// assert_eq!(&reply, b"GOT:hello");
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn proxy_protocol(mut self, proxy: Option<ProxyProtocol>) -> Self {
+        self.proxy = proxy;
+        self
+    }
+
+    /// Connections served at once from one client address (default `None`, no limit), as
+    /// nginx's `limit_conn`: past it, a new connection from that address is accepted and
+    /// closed at once, with a warning at most once a second. The address is the client's
+    /// (from the PROXY header, with [`Builder::proxy_protocol`]); IPv4-mapped IPv6 addresses
+    /// count as IPv4, and IPv6 clients by their network ([`Builder::ipv6_client_prefix`]).
+    /// Unix socket clients are not limited. Must not be zero.
+    ///
+    /// Without a PROXY header, every client of a load balancer or of a large NAT has one
+    /// address: set it from the most connections one real client needs, times the clients
+    /// that may share an address.
+    pub fn max_connections_per_ip(mut self, max: Option<usize>) -> Self {
+        self.max_connections_per_ip = max;
+        self
+    }
+
+    /// How many leading bits of an IPv6 client's address make one client for
+    /// [`Builder::max_connections_per_ip`] (default 64: a site gets a /64 at least, and one
+    /// machine can use any address in it); 128 counts each address. At most 128.
+    pub fn ipv6_client_prefix(mut self, bits: u8) -> Self {
+        self.ipv6_client_prefix = bits;
+        self
+    }
+
+    /// Sets SO_REUSEPORT on the TCP and TLS listeners (default: no), so that several
+    /// processes (each with it) can listen on one address and the kernel spreads new
+    /// connections over them: to use more processes, or to start a new version before the old
+    /// one stops.
+    pub fn reuse_port(mut self, yes: bool) -> Self {
+        self.reuse_port = yes;
+        self
+    }
+
+    /// TCP keepalive on every TCP (and TLS) connection (default `None`: off): after `idle`
+    /// without traffic the kernel probes the peer, every third of `idle` (at least 1 s), and
+    /// closes the connection after three probes go unanswered. So a peer that vanished (a NAT
+    /// that forgot the connection, a machine switched off) is found within twice `idle`, well
+    /// before a long idle timeout; the handler's next read fails then. Must not be zero.
+    pub fn keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.keepalive = idle;
+        self
+    }
+
+    /// Serves the listening sockets systemd passed to the process (socket activation:
+    /// `LISTEN_FDS` and `LISTEN_PID`, as `sd_listen_fds(3)` reads them) instead of binding
+    /// them: TCP ones as plain TCP listeners, Unix stream ones as Unix listeners. They outlive
+    /// the process, so clients that connect while it restarts wait in their backlog. Reading
+    /// them unsets the two variables. Works with `systemd-socket-activate -l 25000 PROGRAM`
+    /// too.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let server = taskserve::Server::builder()
+    ///     .listen_systemd()
+    ///     .notify_systemd(true)
+    ///     .start_listeners(taskserve::echo)?;
+    /// server.wait();
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// `start` fails with [`io::ErrorKind::NotFound`] when none were passed.
+    #[cfg(unix)]
+    pub fn listen_systemd(mut self) -> Self {
+        #[rustfmt::skip]
+        let endpoint = Endpoint::systemd(#[cfg(feature = "tls")] None);
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// As [`Builder::listen_systemd`], with TLS on the TCP sockets.
+    #[cfg(all(unix, feature = "tls"))]
+    pub fn listen_systemd_tls(mut self, tls: TlsConfig) -> Self {
+        self.endpoints.push(Endpoint::systemd(Some(tls)));
+        self
+    }
+
+    /// Tells systemd (through `NOTIFY_SOCKET`, when set) `READY=1` once the server serves,
+    /// and `STOPPING=1` when a stop begins, for a `Type=notify` service (default: no; [`serve`]
+    /// says yes). Only one server of a process should.
+    pub fn notify_systemd(mut self, yes: bool) -> Self {
+        self.notify_systemd = yes;
+        self
+    }
+
     /// Binds `addr` and starts serving `handler` in the background; the returned [`Server`]
     /// tells the bound address and stops the server.
     ///
@@ -361,17 +487,39 @@ impl Builder {
         if self.max_connections == 0 {
             return Err(invalid_input("max_connections must be at least 1"));
         }
+        if self.max_connections_per_ip == Some(0) {
+            return Err(invalid_input(
+                "max_connections_per_ip must be at least 1 (None for no limit)",
+            ));
+        }
+        if self.keepalive == Some(Duration::ZERO) {
+            return Err(invalid_input(
+                "keepalive must be more than zero (None for off)",
+            ));
+        }
+        if self.ipv6_client_prefix > 128 {
+            return Err(invalid_input("ipv6_client_prefix must be at most 128"));
+        }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err(invalid_input(
                 "idle_timeout must be more than zero (None never times out)",
             ));
         }
         // All bound before anything starts: one that fails leaves nothing behind.
-        let listeners = self
+        let options = ListenOptions {
+            backlog: self.backlog,
+            proxy: self.proxy.clone(),
+            reuse_port: self.reuse_port,
+            keepalive: self.keepalive,
+        };
+        let listeners: Vec<_> = self
             .endpoints
             .iter()
-            .map(|endpoint| endpoint.bind(self.backlog))
-            .collect::<io::Result<Vec<_>>>()?;
+            .map(|endpoint| endpoint.bind_all(&options))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         let local_addrs: Vec<_> = listeners
             .iter()
             .map(|l| (l.local_addr().clone(), l.transport()))
@@ -380,7 +528,16 @@ impl Builder {
         let tls: Vec<TlsConfig> = listeners.iter().filter_map(|l| l.tls().cloned()).collect();
         #[cfg(feature = "metrics")]
         let metrics_listener = match &self.metrics {
-            Some(endpoint) => Some(endpoint.bind(self.backlog)?),
+            // Not a client listener: no PROXY header, no keepalive, its own port.
+            Some(endpoint) => {
+                let plain = ListenOptions {
+                    backlog: self.backlog,
+                    proxy: None,
+                    reuse_port: false,
+                    keepalive: None,
+                };
+                endpoint.bind_all(&plain)?.pop()
+            }
             None => None,
         };
 
@@ -402,6 +559,12 @@ impl Builder {
             max_connections: self.max_connections,
             stop: StopHandle(Arc::clone(&lifecycle)),
             metrics: Arc::clone(&metrics),
+            per_client: self.max_connections_per_ip.map(|max| {
+                Arc::new(crate::per_client::PerClient::new(
+                    max,
+                    self.ipv6_client_prefix,
+                ))
+            }),
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });
@@ -486,14 +649,23 @@ impl Builder {
                 .spawn(forward_signals(signals, Arc::clone(&lifecycle), reload))
                 .detach();
         }
+        let notify_systemd = self.notify_systemd;
         lifecycle.set_stop(Box::new(move |lifecycle| {
             info!("stopping");
+            #[cfg(unix)]
+            if notify_systemd {
+                crate::systemd::notify_stopping();
+            }
             running.finish(lifecycle.hurried());
         }));
         // At debug: the caller has the address from `local_addr` and says it where its users
         // look (`echo` prints it on stdout); `serve`, whose caller cannot, logs it at info.
         for (addr, transport) in &server.local_addrs {
             debug!("listening on {addr} ({transport})");
+        }
+        #[cfg(unix)]
+        if self.notify_systemd {
+            crate::systemd::notify_ready();
         }
         Ok(server)
     }
@@ -510,7 +682,10 @@ impl Builder {
         H: Fn(Connection) -> F + Send + Sync + 'static,
         F: Future<Output = io::Result<()>> + Send + 'static,
     {
-        let server = self.stop_on_signals(true).start(addr, handler)?;
+        let server = self
+            .stop_on_signals(true)
+            .notify_systemd(true)
+            .start(addr, handler)?;
         for (addr, transport) in server.local_addrs() {
             info!("listening on {addr} ({transport})");
         }

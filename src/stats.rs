@@ -520,6 +520,7 @@ mod tests {
             transport: Transport::Tcp,
             tls: None,
             peer_credentials: None,
+            proxy: None,
         };
         let meter = Meter::start(&metrics, &info);
         meter.add_read(60 * 1024);

@@ -9,7 +9,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use log::{debug, error, info, warn};
@@ -26,6 +26,16 @@ use crate::stats::{CloseReason, Meter};
 pub(crate) enum Peer {
     Inet(SocketAddr),
     Described(Arc<str>),
+    /// A client behind a proxy that sends a PROXY header: named by the proxy's address until
+    /// the header names the client (see `crate::proxy`).
+    Proxied(Arc<Proxied>),
+}
+
+/// The addresses of a connection on a PROXY listener.
+#[derive(Debug)]
+pub(crate) struct Proxied {
+    proxy: SocketAddr,
+    client: OnceLock<SocketAddr>,
 }
 
 impl Peer {
@@ -42,6 +52,31 @@ impl Peer {
             (peer, None) => Peer::Described(format!("{peer} on {}", info.local_addr).into()),
         }
     }
+
+    /// A connection on a PROXY listener, from the proxy at `proxy`.
+    pub(crate) fn behind_proxy(proxy: SocketAddr) -> Peer {
+        Peer::Proxied(Arc::new(Proxied {
+            proxy,
+            client: OnceLock::new(),
+        }))
+    }
+
+    /// Names the client that a PROXY header gave; the log names it from now on.
+    pub(crate) fn set_client(&self, client: SocketAddr) {
+        if let Peer::Proxied(proxied) = self {
+            let _ = proxied.client.set(client);
+        }
+    }
+
+    /// Whether the client is known, and so was logged as `Connection from`: a connection on a
+    /// PROXY listener is logged once its header named the client, and one that never sent a
+    /// valid header gets neither that line nor `Connection closed` (a debug line says why).
+    pub(crate) fn is_known(&self) -> bool {
+        match self {
+            Peer::Proxied(proxied) => proxied.client.get().is_some(),
+            _ => true,
+        }
+    }
 }
 
 impl fmt::Display for Peer {
@@ -49,6 +84,10 @@ impl fmt::Display for Peer {
         match self {
             Peer::Inet(addr) => addr.fmt(f),
             Peer::Described(text) => f.write_str(text),
+            Peer::Proxied(proxied) => match proxied.client.get() {
+                Some(client) => client.fmt(f),
+                None => write!(f, "{} (proxy, before its PROXY header)", proxied.proxy),
+            },
         }
     }
 }
@@ -108,7 +147,9 @@ pin_project! {
                 drop_handler(this.handler, this.peer);
                 debug!("{}: closed by the server stopping", this.peer);
                 let summary = this.meter.finish(CloseReason::Stopped);
-                info!("Connection closed: {} {summary}", this.peer);
+                if this.peer.is_known() {
+                    info!("Connection closed: {} {summary}", this.peer);
+                }
             }
         }
     }
@@ -124,7 +165,10 @@ impl<F: Future<Output = io::Result<()>>> ConnectionTask<F> {
         meter: Arc<Meter>,
     ) -> Self {
         // The seed's two lines per client, in its words, so the programs are recognisably the same.
-        info!("Connection from {peer}");
+        // Behind a proxy, the PROXY stage logs this line once the header names the client.
+        if peer.is_known() {
+            info!("Connection from {peer}");
+        }
         ConnectionTask {
             handler: Some(AssertUnwindSafe(handler).catch_unwind()),
             peer,
@@ -174,7 +218,10 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
             }
         };
         let summary = this.meter.finish(closed);
-        info!("Connection closed: {peer} {summary}");
+        // A connection dropped before its PROXY header named the client gets neither seed line.
+        if peer.is_known() {
+            info!("Connection closed: {peer} {summary}");
+        }
         drop(this.slot.take());
         Poll::Ready(())
     }

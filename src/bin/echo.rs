@@ -84,6 +84,37 @@ struct Args {
     #[argh(option)]
     metrics: Option<String>,
 
+    /// expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) at the start
+    /// of each TCP and TLS connection, and take the client's address from it
+    #[argh(switch)]
+    proxy_protocol: bool,
+
+    /// with --proxy-protocol, the networks trusted to send the header, CIDR[,CIDR...]; others
+    /// are closed at once (default 127.0.0.0/8,::1: loopback only)
+    #[argh(option, from_str_fn(cidr_list))]
+    proxy_from: Option<Vec<taskserve::Cidr>>,
+
+    /// with --proxy-protocol, seconds a client has to send its whole header (default 5)
+    #[argh(option, default = "5", from_str_fn(at_least_one_u64))]
+    proxy_timeout: u64,
+
+    /// connections served at once from one client address (IPv6: one /64), the client's own
+    /// with --proxy-protocol; past it new ones are closed at once (default: no limit). Behind
+    /// a load balancer without --proxy-protocol, or a large NAT, many clients share one
+    /// address: allow the most one client needs times the clients behind one address
+    #[argh(option, from_str_fn(at_least_one))]
+    max_connections_per_ip: Option<usize>,
+
+    /// set SO_REUSEPORT, so that several echo processes (each with --reuse-port) share one
+    /// address and the kernel spreads connections over them; also for restarts
+    #[argh(switch)]
+    reuse_port: bool,
+
+    /// seconds without traffic before TCP keepalive probes a client, then every third of it;
+    /// a vanished peer is closed within twice this (default: off)
+    #[argh(option, from_str_fn(at_least_one_u64))]
+    keepalive: Option<u64>,
+
     /// log only warnings and errors (RUST_LOG, when set, decides instead)
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -106,6 +137,10 @@ fn thread_count(value: &str) -> Result<usize, String> {
         Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
         Err(e) => Err(format!("{e}")),
     }
+}
+
+fn cidr_list(value: &str) -> Result<Vec<taskserve::Cidr>, String> {
+    value.split(',').map(|cidr| cidr.trim().parse()).collect()
 }
 
 fn at_least_one_u64(value: &str) -> Result<u64, String> {
@@ -227,8 +262,16 @@ fn run(args: &Args) -> io::Result<()> {
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
         // Installed before the listening lines are printed: a script may signal right after.
-        .stop_on_signals(true);
-    if !args.no_tcp {
+        .stop_on_signals(true)
+        .proxy_protocol(proxy_protocol(args)?)
+        .max_connections_per_ip(args.max_connections_per_ip)
+        .reuse_port(args.reuse_port)
+        .keepalive(args.keepalive.map(Duration::from_secs))
+        .notify_systemd(true);
+    if socket_activated() {
+        // Started by systemd (or systemd-socket-activate): its sockets take --port's place.
+        builder = listen_systemd(builder, tls.as_ref().filter(|_| args.tls_port.is_none()))?;
+    } else if !args.no_tcp {
         let addrs = resolve(&args.host, args.port)?;
         builder = match (&tls, args.tls_port) {
             (Some(tls), None) => builder.listen_tls(&addrs[..], tls.clone()),
@@ -346,6 +389,46 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
         tls = tls.with_client_ca_file(ca)?;
     }
     Ok(Some(tls))
+}
+
+/// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
+fn socket_activated() -> bool {
+    cfg!(unix) && std::env::var_os("LISTEN_FDS").is_some()
+}
+
+#[cfg(unix)]
+fn listen_systemd(
+    builder: taskserve::Builder,
+    tls: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Ok(match tls {
+        Some(tls) => builder.listen_systemd_tls(tls.clone()),
+        None => builder.listen_systemd(),
+    })
+}
+
+#[cfg(not(unix))]
+fn listen_systemd(
+    _: taskserve::Builder,
+    _: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Err(usage("socket activation is not available on this system"))
+}
+
+/// The PROXY protocol configuration the flags ask for, if any.
+fn proxy_protocol(args: &Args) -> io::Result<Option<taskserve::ProxyProtocol>> {
+    if !args.proxy_protocol {
+        if args.proxy_from.is_some() {
+            return Err(usage("--proxy-from needs --proxy-protocol"));
+        }
+        return Ok(None);
+    }
+    let mut proxy =
+        taskserve::ProxyProtocol::new().timeout(Duration::from_secs(args.proxy_timeout));
+    if let Some(networks) = &args.proxy_from {
+        proxy = proxy.trusted_sources(networks.iter().copied());
+    }
+    Ok(Some(proxy))
 }
 
 #[cfg(unix)]

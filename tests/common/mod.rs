@@ -373,3 +373,66 @@ pub fn worker_thread_names(pid: impl std::fmt::Display) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Connects to `addr` from the local address `from` (`127.0.0.2`, `::1`...: any loopback
+/// address is this machine's), with the timeouts of [`connect`]: a client with an address of
+/// its own, for per-client limits and PROXY sources.
+pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&addr.into(), PATIENCE)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    Ok(stream)
+}
+
+/// A PROXY protocol v1 header, built by hand as the spec (HAProxy's proxy-protocol.txt, 2.1)
+/// writes it: `PROXY TCP4 SRC DST SPORT DPORT\r\n`.
+pub fn proxy_v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let family = if source.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY protocol v2 header, built by hand as the spec (2.2) lays it out: the 12-byte
+/// signature, version 2 and the command (`PROXY`, or `LOCAL` when `addresses` is `None`), the
+/// family and transport, the length, the addresses, then each TLV (type, 2-byte length, value).
+pub fn proxy_v2(addresses: Option<(SocketAddr, SocketAddr)>, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    let (command, family) = match addresses {
+        None => (0x20, 0x00),
+        Some((SocketAddr::V4(src), SocketAddr::V4(dst))) => {
+            body.extend(src.ip().octets());
+            body.extend(dst.ip().octets());
+            body.extend(src.port().to_be_bytes());
+            body.extend(dst.port().to_be_bytes());
+            (0x21, 0x11)
+        }
+        Some((SocketAddr::V6(src), SocketAddr::V6(dst))) => {
+            body.extend(src.ip().octets());
+            body.extend(dst.ip().octets());
+            body.extend(src.port().to_be_bytes());
+            body.extend(dst.port().to_be_bytes());
+            (0x21, 0x21)
+        }
+        Some(_) => panic!("source and destination of one family"),
+    };
+    for (kind, value) in tlvs {
+        body.push(*kind);
+        body.extend((value.len() as u16).to_be_bytes());
+        body.extend(*value);
+    }
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend([command, family]);
+    header.extend((body.len() as u16).to_be_bytes());
+    header.extend(body);
+    header
+}

@@ -1,0 +1,590 @@
+//! The PROXY protocol (HAProxy's `doc/proxy-protocol.txt`, versions 1 and 2): a load balancer in
+//! front of the server sends, before anything else, a header naming the client it forwards. It
+//! is a stage of the connection's own task, before any TLS handshake, with its own deadline.
+//!
+//! The header is framed here, reading exactly its bytes and never one of the payload after it
+//! (the handler, or the TLS handshake, reads those); the `ppp` crate parses the bytes.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, info};
+use smol::future::FutureExt;
+use smol::io::AsyncReadExt;
+use smol::Timer;
+
+use crate::connection::{Addr, ConnectionInfo, Stream};
+use crate::listener::canonical;
+use crate::task::Peer;
+
+/// The PROXY protocol on a server's TCP and TLS listeners ([`Builder::proxy_protocol`]): each
+/// connection must start with a version 1 or 2 header, whose client address then replaces the
+/// socket's everywhere (the handler's [`ConnectionInfo::peer_addr`], the log, the per-client
+/// limit). Connections from sources that are not trusted are closed at once, without reading.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use taskserve::ProxyProtocol;
+///
+/// let proxy = ProxyProtocol::new()
+///     .trusted_sources(["10.0.0.0/8".parse()?, "127.0.0.1".parse()?])
+///     .timeout(Duration::from_secs(2));
+/// let server = taskserve::Server::builder()
+///     .proxy_protocol(Some(proxy))
+///     .start("127.0.0.1:0", taskserve::echo)?;
+/// server.stop();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// [`Builder::proxy_protocol`]: crate::Builder::proxy_protocol
+#[derive(Debug, Clone)]
+pub struct ProxyProtocol(Arc<Config>);
+
+#[derive(Debug, Clone)]
+struct Config {
+    trusted: Vec<Cidr>,
+    timeout: Duration,
+}
+
+impl Default for ProxyProtocol {
+    fn default() -> Self {
+        ProxyProtocol(Arc::new(Config {
+            trusted: vec![
+                Cidr::new(Ipv4Addr::LOCALHOST.into(), 8),
+                Cidr::new(Ipv6Addr::LOCALHOST.into(), 128),
+            ],
+            timeout: Duration::from_secs(5),
+        }))
+    }
+}
+
+impl ProxyProtocol {
+    /// Headers trusted from loopback only (`127.0.0.0/8` and `::1`), within 5 s.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The networks whose connections may send a header (default: loopback only): the load
+    /// balancers' addresses. Anyone else could claim to be any client. A connection from
+    /// elsewhere is closed at once, logged at debug.
+    pub fn trusted_sources(mut self, networks: impl IntoIterator<Item = Cidr>) -> Self {
+        Arc::make_mut(&mut self.0).trusted = networks.into_iter().collect();
+        self
+    }
+
+    /// How long a client has to send the whole header (default 5 s); one that sends part of
+    /// it, or nothing, is closed then, while the others are served.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.0).timeout = timeout;
+        self
+    }
+
+    /// Whether a connection from `addr` may send a header.
+    pub fn trusts(&self, addr: IpAddr) -> bool {
+        let addr = canonical(SocketAddr::new(addr, 0)).ip();
+        self.0.trusted.iter().any(|net| net.contains(addr))
+    }
+}
+
+/// A network in CIDR notation: `10.0.0.0/8`, `2001:db8::/32`, or one address (`127.0.0.1`,
+/// `::1`). IPv4-mapped IPv6 addresses are matched as the IPv4 addresses they are.
+///
+/// # Examples
+///
+/// ```
+/// let net: taskserve::Cidr = "192.168.0.0/16".parse()?;
+/// assert!(net.contains("192.168.4.2".parse()?));
+/// assert!(!net.contains("10.0.0.1".parse()?));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// The network of `addr`'s first `prefix` bits (at most 32 for IPv4, 128 for IPv6: more is
+    /// taken as the whole address).
+    pub fn new(addr: IpAddr, prefix: u8) -> Cidr {
+        let addr = canonical(SocketAddr::new(addr, 0)).ip();
+        let prefix = prefix.min(bits(addr));
+        Cidr {
+            addr: mask(addr, prefix),
+            prefix,
+        }
+    }
+
+    /// Whether `addr` is in this network.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let addr = canonical(SocketAddr::new(addr, 0)).ip();
+        addr.is_ipv4() == self.addr.is_ipv4() && mask(addr, self.prefix) == self.addr
+    }
+}
+
+fn bits(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// `addr` with all but its first `prefix` bits zeroed.
+pub(crate) fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let keep = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & keep).into())
+        }
+        IpAddr::V6(v6) => {
+            let keep = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & keep).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or network (10.0.0.0/8, ::1)"))?;
+        let max = bits(canonical(SocketAddr::new(addr, 0)).ip());
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= bits(addr) => p.saturating_sub(bits(addr) - max),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: the prefix length must be 0 to {}",
+                        bits(addr)
+                    ))
+                }
+            },
+        };
+        Ok(Cidr::new(addr, prefix))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// What a PROXY header told about a connection, beside the client address that became
+/// [`ConnectionInfo::peer_addr`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProxyInfo {
+    /// 1 for the text header, 2 for the binary one.
+    pub version: u8,
+    /// The proxy's own address: the other end of the socket.
+    pub proxy_addr: SocketAddr,
+    /// The address the client connected to, at the proxy; `None` when the header names no
+    /// addresses (v1 `UNKNOWN`, v2 `LOCAL` or an unspecified family).
+    pub destination: Option<SocketAddr>,
+    /// A v2 `LOCAL` header: the proxy's own connection (a health check), not a client's. The
+    /// peer address stays the proxy's.
+    pub local: bool,
+    /// The v2 authority TLV (`PP2_TYPE_AUTHORITY`): the host name the client asked for (TLS
+    /// SNI at the proxy), if the proxy sent one.
+    pub authority: Option<String>,
+    /// The v2 ALPN TLV (`PP2_TYPE_ALPN`): the application protocol the client negotiated with
+    /// the proxy, if it sent one.
+    pub alpn: Option<Vec<u8>>,
+    /// Every v2 TLV as it came, type and value, those above included.
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+const V1_PREFIX: &[u8] = b"PROXY ";
+/// The longest v1 header, CRLF included (the spec's 107 bytes).
+const V1_MAX: usize = 107;
+/// A v2 header's fixed part: the signature, version and command, family, and length.
+const V2_FIXED: usize = 16;
+
+/// How much of the bytes seen so far belong to the header.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    /// The header is this many bytes long in all.
+    Exactly(usize),
+    /// Every byte seen is part of the header, and more are needed.
+    AllOfIt,
+}
+
+/// Frames a header from its first bytes, `seen`: the bytes already read and those peeked.
+fn frame(seen: &[u8]) -> Result<Framing, &'static str> {
+    let starts = |prefix: &[u8]| {
+        if seen.len() < prefix.len() {
+            prefix.starts_with(seen)
+        } else {
+            seen.starts_with(prefix)
+        }
+    };
+    if starts(V2_SIGNATURE) {
+        if seen.len() < V2_FIXED {
+            return Ok(Framing::AllOfIt);
+        }
+        let length = u16::from_be_bytes([seen[14], seen[15]]);
+        return Ok(Framing::Exactly(V2_FIXED + usize::from(length)));
+    }
+    if starts(V1_PREFIX) {
+        return match seen.iter().position(|&b| b == b'\n') {
+            Some(end) if end < V1_MAX => Ok(Framing::Exactly(end + 1)),
+            Some(_) => Err("a v1 header longer than 107 bytes"),
+            None if seen.len() >= V1_MAX => Err("a v1 header longer than 107 bytes"),
+            None => Ok(Framing::AllOfIt),
+        };
+    }
+    Err("not a PROXY protocol header")
+}
+
+/// Reads the header at the start of `stream`, exactly its bytes: peeks at what has arrived,
+/// and reads only what is header. Usually one peek and one read.
+async fn read_framed(stream: &mut async_net::TcpStream) -> io::Result<Vec<u8>> {
+    let mut header = Vec::with_capacity(V1_MAX);
+    let mut peeked = [0; V1_MAX];
+    loop {
+        // Blocks until bytes come that were not read yet: each round reads at least one.
+        let n = stream.peek(&mut peeked).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the end of its PROXY header",
+            ));
+        }
+        let seen_before = header.len();
+        header.extend_from_slice(&peeked[..n]);
+        let framing = frame(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let end = match framing {
+            Framing::Exactly(len) => len,
+            Framing::AllOfIt => header.len(),
+        };
+        // Read what is header among the bytes peeked, and for a v2 header any rest of it.
+        header.resize(end, 0);
+        stream.read_exact(&mut header[seen_before..]).await?;
+        if matches!(framing, Framing::Exactly(_)) {
+            return Ok(header);
+        }
+    }
+}
+
+/// What a header says, once parsed.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    /// The client, if the header names one.
+    source: Option<SocketAddr>,
+    info: ProxyInfo,
+}
+
+/// Parses a framed header (as [`read_framed`] reads it) with `ppp`.
+fn parse(header: &[u8], proxy_addr: SocketAddr) -> Result<Parsed, String> {
+    let mut info = ProxyInfo {
+        version: 1,
+        proxy_addr,
+        destination: None,
+        local: false,
+        authority: None,
+        alpn: None,
+        tlvs: Vec::new(),
+    };
+    if header.starts_with(V1_PREFIX) {
+        let parsed = ppp::v1::Header::try_from(header).map_err(|e| format!("v1: {e}"))?;
+        if parsed.header.len() != header.len() {
+            return Err("v1: bytes after the CRLF".into());
+        }
+        let (source, destination) = match parsed.addresses {
+            ppp::v1::Addresses::Unknown => (None, None),
+            ppp::v1::Addresses::Tcp4(a) => (
+                Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                Some(SocketAddr::new(
+                    a.destination_address.into(),
+                    a.destination_port,
+                )),
+            ),
+            ppp::v1::Addresses::Tcp6(a) => (
+                Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+                Some(SocketAddr::new(
+                    a.destination_address.into(),
+                    a.destination_port,
+                )),
+            ),
+        };
+        info.destination = destination;
+        return Ok(Parsed { source, info });
+    }
+    let parsed = ppp::v2::Header::try_from(header).map_err(|e| format!("v2: {e}"))?;
+    if parsed.len() != header.len() {
+        return Err("v2: the length does not match".into());
+    }
+    info.version = 2;
+    for tlv in parsed.tlvs() {
+        let tlv = tlv.map_err(|e| format!("v2 TLV: {e}"))?;
+        match tlv.kind {
+            0x01 => info.alpn = Some(tlv.value.to_vec()),
+            0x02 => {
+                let authority = String::from_utf8(tlv.value.to_vec())
+                    .map_err(|_| "v2: an authority that is not UTF-8".to_string())?;
+                info.authority = Some(authority);
+            }
+            _ => {}
+        }
+        info.tlvs.push((tlv.kind, tlv.value.into_owned()));
+    }
+    if parsed.command == ppp::v2::Command::Local {
+        // A health check or the proxy's own connection: the socket's address stays.
+        info.local = true;
+        return Ok(Parsed { source: None, info });
+    }
+    let (source, destination) = match parsed.addresses {
+        ppp::v2::Addresses::IPv4(a) => (
+            SocketAddr::new(a.source_address.into(), a.source_port),
+            SocketAddr::new(a.destination_address.into(), a.destination_port),
+        ),
+        ppp::v2::Addresses::IPv6(a) => (
+            SocketAddr::new(a.source_address.into(), a.source_port),
+            SocketAddr::new(a.destination_address.into(), a.destination_port),
+        ),
+        // A family we do not route by (unspecified, Unix): the socket's address stays, as the
+        // spec asks.
+        ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => {
+            return Ok(Parsed { source: None, info })
+        }
+    };
+    info.destination = Some(destination);
+    Ok(Parsed {
+        source: Some(source),
+        info,
+    })
+}
+
+/// How the log names a new connection: on a PROXY listener, by the proxy's address until the
+/// header names the client. `None` for a connection to a PROXY listener from an untrusted
+/// source, which is to be closed at once (logged here, at debug).
+pub(crate) fn peer(proxy: Option<&ProxyProtocol>, info: &ConnectionInfo) -> Option<Peer> {
+    match (proxy, &info.peer_addr) {
+        (Some(proxy), Addr::Inet(addr)) => {
+            if proxy.trusts(addr.ip()) {
+                Some(Peer::behind_proxy(*addr))
+            } else {
+                debug!("{addr}: closed: not a trusted source of PROXY headers");
+                None
+            }
+        }
+        _ => Some(Peer::of(info)),
+    }
+}
+
+/// The PROXY stage of one connection: reads and parses the header within the timeout, then
+/// `info` names the client it gives (and `peer` with it, for the log, which says
+/// `Connection from CLIENT` now). `None`, logged at debug, when the header is missing, late,
+/// partial or malformed: the connection is then closed.
+pub(crate) async fn read_header(
+    stream: &mut Stream,
+    mut info: ConnectionInfo,
+    proxy: &ProxyProtocol,
+    peer: &Peer,
+) -> Option<ConnectionInfo> {
+    let (Stream::Tcp(tcp), Addr::Inet(proxy_addr)) = (stream, &info.peer_addr) else {
+        debug!("{peer}: the PROXY protocol over anything but TCP is not supported");
+        return None;
+    };
+    let proxy_addr = *proxy_addr;
+    let timeout = proxy.0.timeout;
+    let deadline = async {
+        Timer::after(timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no complete PROXY header within {timeout:?}"),
+        ))
+    };
+    let header = match read_framed(tcp).or(deadline).await {
+        Ok(header) => header,
+        Err(e) => {
+            debug!("{peer}: closed: {e}");
+            return None;
+        }
+    };
+    let parsed = match parse(&header, proxy_addr) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            debug!("{peer}: closed: malformed PROXY header: {e}");
+            return None;
+        }
+    };
+    let client = parsed.source.map(canonical).unwrap_or(proxy_addr);
+    info.peer_addr = Addr::Inet(client);
+    info.proxy = Some(parsed.info);
+    peer.set_client(client);
+    // The seed's first line, now that the client is known (see `ConnectionTask::new`).
+    info!("Connection from {peer}");
+    if client != proxy_addr {
+        debug!("{peer}: through the proxy at {proxy_addr}");
+    }
+    Some(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy_addr() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_parses_networks_and_single_addresses() {
+        let net: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(net.to_string(), "10.0.0.0/8");
+        assert!(net.contains("10.200.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let one: Cidr = "::1".parse().unwrap();
+        assert!(one.contains(Ipv6Addr::LOCALHOST.into()));
+        assert!(!one.contains(Ipv4Addr::LOCALHOST.into()));
+        let mapped: Cidr = "::ffff:192.168.0.0/112".parse().unwrap();
+        assert_eq!(mapped.to_string(), "192.168.0.0/16");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn default_trusts_loopback_only() {
+        let proxy = ProxyProtocol::new();
+        assert!(proxy.trusts("127.0.0.2".parse().unwrap()));
+        assert!(proxy.trusts("::1".parse().unwrap()));
+        assert!(proxy.trusts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!proxy.trusts("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn frames_v1_up_to_its_newline_and_v2_by_its_length() {
+        assert_eq!(frame(b"PRO"), Ok(Framing::AllOfIt));
+        assert_eq!(frame(b"PROXY TCP4 1"), Ok(Framing::AllOfIt));
+        assert_eq!(frame(b"PROXY UNKNOWN\r\nGET"), Ok(Framing::Exactly(15)));
+        assert_eq!(frame(b"\r\n\r\n"), Ok(Framing::AllOfIt));
+        let mut v2 = V2_SIGNATURE.to_vec();
+        v2.extend([0x21, 0x11, 0, 12]);
+        assert_eq!(frame(&v2), Ok(Framing::Exactly(28)));
+        assert!(frame(b"GET / HTTP/1.1\r\n").is_err());
+        assert!(frame(&[b'P', b'R', b'O', b'X', b'Y', b' ', b'A'].repeat(20)).is_err());
+    }
+
+    #[test]
+    fn parses_v1_tcp4_and_unknown() {
+        let parsed = parse(b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 80\r\n", proxy_addr()).unwrap();
+        assert_eq!(parsed.source, Some("192.0.2.1:5000".parse().unwrap()));
+        assert_eq!(
+            parsed.info.destination,
+            Some("192.0.2.2:80".parse().unwrap())
+        );
+        let unknown = parse(b"PROXY UNKNOWN\r\n", proxy_addr()).unwrap();
+        assert_eq!(unknown.source, None);
+    }
+
+    #[test]
+    fn parses_v2_with_tlvs_and_local() {
+        let header = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (
+                "[2001:db8::1]:4000".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::2]:443".parse::<SocketAddr>().unwrap(),
+            ),
+        )
+        .write_tlv(ppp::v2::Type::ALPN, b"h2")
+        .unwrap()
+        .write_tlv(ppp::v2::Type::Authority, b"example.com")
+        .unwrap()
+        .build()
+        .unwrap();
+        let parsed = parse(&header, proxy_addr()).unwrap();
+        assert_eq!(parsed.source, Some("[2001:db8::1]:4000".parse().unwrap()));
+        assert_eq!(parsed.info.alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(parsed.info.authority.as_deref(), Some("example.com"));
+        assert_eq!(parsed.info.tlvs.len(), 2);
+
+        let local = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::Protocol::Unspecified,
+            ppp::v2::Addresses::Unspecified,
+        )
+        .build()
+        .unwrap();
+        let parsed = parse(&local, proxy_addr()).unwrap();
+        assert_eq!(parsed.source, None);
+        assert!(parsed.info.local);
+    }
+
+    /// Random headers, pure noise and mutations of valid ones: framing and parsing return an
+    /// error or a header, and never panic.
+    #[test]
+    fn random_headers_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(15);
+        let valid: Vec<Vec<u8>> = vec![
+            b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 80\r\n".to_vec(),
+            b"PROXY TCP6 2001:db8::1 2001:db8::2 5000 80\r\n".to_vec(),
+            b"PROXY UNKNOWN\r\n".to_vec(),
+            ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                (
+                    "192.0.2.1:1".parse::<SocketAddr>().unwrap(),
+                    "192.0.2.2:2".parse::<SocketAddr>().unwrap(),
+                ),
+            )
+            .write_tlv(ppp::v2::Type::Authority, b"a.example")
+            .unwrap()
+            .build()
+            .unwrap(),
+        ];
+        for _ in 0..50_000 {
+            let mut bytes = if rng.bool() {
+                let len = rng.usize(..300);
+                let mut noise: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+                // Noise behind a real prefix reaches the parsers rather than the framing.
+                match rng.u8(..3) {
+                    0 => noise.splice(0..0, V1_PREFIX.iter().copied()).for_each(drop),
+                    1 => noise
+                        .splice(0..0, V2_SIGNATURE.iter().copied())
+                        .for_each(drop),
+                    _ => {}
+                }
+                noise
+            } else {
+                let mut header = valid[rng.usize(..valid.len())].clone();
+                for _ in 0..rng.usize(1..4) {
+                    let at = rng.usize(..header.len());
+                    header[at] = rng.u8(..);
+                }
+                header.truncate(rng.usize(1..=header.len()));
+                header
+            };
+            if let Ok(Framing::Exactly(len)) = frame(&bytes) {
+                bytes.resize(len, 0);
+                let _ = parse(&bytes, proxy_addr());
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! A real HAProxy on loopback in front of two `echo --proxy-protocol` processes, with
+//! `send-proxy-v2` and health checks: clients from several 127.0.0.x addresses are served, each
+//! backend's log names each client's own address, and when one backend dies every new client
+//! is served by the other. Skipped when `haproxy` is not installed (`.ci/run` installs it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+
+/// An `echo --proxy-protocol` process and the log lines it has written so far.
+struct Backend {
+    process: EchoProcess,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Backend {
+    fn start() -> Backend {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+        command.env("RUST_LOG", "info");
+        let mut process = EchoProcess::start_with(command, &["--proxy-protocol", "--threads", "1"]);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = BufReader::new(process.stderr()).lines();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Backend { process, log }
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
+    }
+}
+
+/// HAProxy, killed when dropped.
+struct Haproxy(Child);
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_haproxy(dir: &TempDir, port: u16, backends: &[&Backend]) -> Haproxy {
+    let mut config = format!(
+        "global\n    maxconn 1000\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 20s\n    \
+         timeout server 20s\n    retries 3\n    option redispatch 1\n\
+         frontend front\n    bind 127.0.0.1:{port}\n    default_backend echoes\n\
+         backend echoes\n    balance roundrobin\n"
+    );
+    for (n, backend) in backends.iter().enumerate() {
+        config += &format!(
+            "    server echo{n} {} send-proxy-v2 check inter 200ms fall 1 rise 1\n",
+            backend.process.addr
+        );
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new("haproxy")
+        .arg("-db") // in the foreground
+        .arg("-f")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start haproxy");
+    Haproxy(child)
+}
+
+/// A client from `from` through HAProxy at `front`, that got its reply; its own address.
+fn served_through(from: IpAddr, front: SocketAddr) -> Result<SocketAddr, String> {
+    let mut client: TcpStream = connect_from(from, front).map_err(|e| e.to_string())?;
+    use std::io::Write;
+    client.write_all(b"hello").map_err(|e| e.to_string())?;
+    let reply = read_payload(&mut client, 5).map_err(|e| e.to_string())?;
+    if reply != b"hello" {
+        return Err(format!("reply {reply:?}"));
+    }
+    Ok(client.local_addr().unwrap())
+}
+
+#[test]
+fn haproxy_with_send_proxy_v2_in_front_of_two_echo_processes() {
+    if Command::new("haproxy").arg("-v").output().is_err() {
+        eprintln!("haproxy is not installed: skipped");
+        return;
+    }
+    let (first, second) = (Backend::start(), Backend::start());
+    let dir = TempDir::new();
+    let port = free_port();
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let _haproxy = start_haproxy(&dir, port, &[&first, &second]);
+    // Wait until it listens and the health checks (a v2 LOCAL header) reached both backends.
+    assert!(
+        eventually(|| TcpStream::connect(front).is_ok()),
+        "haproxy listens"
+    );
+    assert!(eventually(|| {
+        first.logged("Connection closed") && second.logged("Connection closed")
+    }));
+
+    // Eight clients from four addresses: each backend logs the client's own address and port.
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        let from: IpAddr = format!("127.0.0.{}", 2 + n % 4).parse().unwrap();
+        clients.push(served_through(from, front).expect("served through haproxy"));
+    }
+    for client in &clients {
+        let line = format!("Connection from {client}");
+        assert!(
+            eventually(|| first.logged(&line) || second.logged(&line)),
+            "no backend logged {line}"
+        );
+    }
+    assert!(
+        clients
+            .iter()
+            .any(|c| first.logged(&format!("Connection from {c}")))
+            && clients
+                .iter()
+                .any(|c| second.logged(&format!("Connection from {c}"))),
+        "round robin reaches both backends"
+    );
+
+    // One backend dies: every new client is served by the other.
+    let Backend {
+        process: mut dead, ..
+    } = first;
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    for n in 0..20 {
+        let from: IpAddr = format!("127.0.0.{}", 2 + n % 4).parse().unwrap();
+        let client = served_through(from, front)
+            .unwrap_or_else(|e| panic!("client {n} after the kill: {e}"));
+        let line = format!("Connection from {client}");
+        assert!(eventually(|| second.logged(&line)), "{line}");
+    }
+}

@@ -1,0 +1,302 @@
+//! The PROXY protocol over real sockets: v1 and v2 headers built by hand, TLVs, LOCAL, sources
+//! that are not trusted, headers that come late, partly or malformed, and TLS behind a header.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use taskserve::{Addr, ConnectionInfo, ProxyProtocol, Server};
+
+fn start_proxied(proxy: ProxyProtocol) -> (Server, mpsc::Receiver<ConnectionInfo>) {
+    let (report, reports) = mpsc::channel();
+    let server = Server::builder()
+        .threads(2)
+        .proxy_protocol(Some(proxy))
+        .start("127.0.0.1:0", reporting_echo(report))
+        .expect("start");
+    (server, reports)
+}
+
+fn reported(reports: &mpsc::Receiver<ConnectionInfo>) -> ConnectionInfo {
+    reports
+        .recv_timeout(PATIENCE)
+        .expect("the handler reports its connection")
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn v1_header_names_the_client_and_no_payload_byte_is_lost() {
+    let (server, reports) = start_proxied(ProxyProtocol::new());
+    let mut client = connect(server.local_addr());
+    // The header and the first payload in one write: the server must read the header alone.
+    let mut first = proxy_v1(addr("192.0.2.7:40000"), server.local_addr());
+    first.extend(b"hello");
+    client.write_all(&first).unwrap();
+    let mut reply = [0; 9];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"GOT:hello");
+    round_trip(&mut client, b"and more");
+    let info = reported(&reports);
+    assert_eq!(info.peer_addr, Addr::Inet(addr("192.0.2.7:40000")));
+    let proxy = info.proxy.expect("ProxyInfo on a PROXY listener");
+    assert_eq!(proxy.version, 1);
+    assert_eq!(proxy.proxy_addr, client.local_addr().unwrap());
+    assert_eq!(proxy.destination, Some(server.local_addr()));
+}
+
+#[test]
+fn v2_header_names_an_ipv6_client_and_gives_its_tlvs() {
+    let (server, reports) = start_proxied(ProxyProtocol::new());
+    let mut client = connect(server.local_addr());
+    let header = proxy_v2(
+        Some((addr("[2001:db8::7]:40000"), addr("[2001:db8::1]:443"))),
+        &[(0x01, b"h2"), (0x02, b"example.com"), (0x04, b"")],
+    );
+    client.write_all(&header).unwrap();
+    round_trip(&mut client, b"hello");
+    let info = reported(&reports);
+    assert_eq!(info.peer_addr, Addr::Inet(addr("[2001:db8::7]:40000")));
+    let proxy = info.proxy.unwrap();
+    assert_eq!(proxy.version, 2);
+    assert_eq!(proxy.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(proxy.authority.as_deref(), Some("example.com"));
+    assert_eq!(proxy.tlvs.len(), 3);
+}
+
+#[test]
+fn v2_header_sent_a_byte_at_a_time_is_read_exactly() {
+    let (server, reports) = start_proxied(ProxyProtocol::new());
+    let mut client = connect(server.local_addr());
+    let mut bytes = proxy_v2(Some((addr("192.0.2.9:1234"), server.local_addr())), &[]);
+    bytes.extend(b"x");
+    for b in &bytes {
+        client.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut reply = [0; 5];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"GOT:x");
+    assert_eq!(
+        reported(&reports).peer_addr,
+        Addr::Inet(addr("192.0.2.9:1234"))
+    );
+}
+
+#[test]
+fn v2_local_and_v1_unknown_keep_the_socket_address() {
+    let (server, reports) = start_proxied(ProxyProtocol::new());
+    for header in [proxy_v2(None, &[]), b"PROXY UNKNOWN\r\n".to_vec()] {
+        let mut client = connect(server.local_addr());
+        client.write_all(&header).unwrap();
+        round_trip(&mut client, b"health");
+        let info = reported(&reports);
+        assert_eq!(info.peer_addr, Addr::Inet(client.local_addr().unwrap()));
+    }
+}
+
+#[test]
+fn a_connection_from_an_untrusted_source_is_closed_at_once() {
+    let proxy = ProxyProtocol::new().trusted_sources(["127.0.0.2".parse().unwrap()]);
+    let (server, reports) = start_proxied(proxy);
+    let mut untrusted = connect_from(ip("127.0.0.3"), server.local_addr()).unwrap();
+    let _ = untrusted.write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()));
+    let took = wait_for_close(&mut untrusted, Duration::from_secs(2)).expect("closed");
+    assert!(took < Duration::from_secs(1), "closed after {took:?}");
+
+    let mut trusted = connect_from(ip("127.0.0.2"), server.local_addr()).unwrap();
+    trusted
+        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()))
+        .unwrap();
+    round_trip(&mut trusted, b"ok");
+    assert_eq!(
+        reported(&reports).peer_addr,
+        Addr::Inet(addr("192.0.2.1:1"))
+    );
+}
+
+#[test]
+fn slow_and_partial_headers_are_closed_at_the_deadline_while_others_are_served() {
+    let timeout = Duration::from_millis(800);
+    let (server, _reports) = start_proxied(ProxyProtocol::new().timeout(timeout));
+    let started = Instant::now();
+    let mut silent = connect(server.local_addr());
+    let mut partial = connect(server.local_addr());
+    partial.write_all(b"PROXY TCP4 192.0.2.1 ").unwrap();
+    let mut partial_v2 = connect(server.local_addr());
+    partial_v2
+        .write_all(&proxy_v2(Some((addr("192.0.2.1:1"), addr("192.0.2.2:2"))), &[])[..20])
+        .unwrap();
+    // Meanwhile, a client with a whole header is served at once.
+    let mut prompt = connect(server.local_addr());
+    prompt
+        .write_all(&proxy_v1(addr("192.0.2.5:5"), server.local_addr()))
+        .unwrap();
+    round_trip(&mut prompt, b"not delayed");
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    for stalled in [&mut silent, &mut partial, &mut partial_v2] {
+        wait_for_close(stalled, PATIENCE).expect("closed at the deadline");
+        let at = started.elapsed();
+        assert!(at >= timeout && at < timeout * 4, "closed after {at:?}");
+    }
+    round_trip(&mut prompt, b"still served");
+}
+
+#[test]
+fn malformed_headers_are_closed_and_the_server_keeps_serving() {
+    let (server, _reports) = start_proxied(ProxyProtocol::new().timeout(Duration::from_secs(2)));
+    let mut rng = fastrand::Rng::with_seed(15);
+    let valid = [
+        proxy_v1(addr("192.0.2.1:1"), addr("192.0.2.2:2")),
+        proxy_v2(
+            Some((addr("192.0.2.1:1"), addr("192.0.2.2:2"))),
+            &[(0x02, b"a.example")],
+        ),
+    ];
+    let fixed: [&[u8]; 6] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"PROXY TCP4 999.0.0.1 1.2.3.4 1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 1.2.3.4 99999 2\r\n",
+        b"PROXY TCP6 1.2.3.4 1.2.3.4 1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 1.2.3.4 1 2\rX\n",
+        &[b'P'; 200],
+    ];
+    // A thousand headers over real sockets: the fixed bad ones, then valid ones with random
+    // bytes changed, and random bytes behind a real signature. The parser's own unit test
+    // (src/proxy.rs) tries 50,000 more without sockets.
+    for n in 0..1000 {
+        let bytes: Vec<u8> = match n {
+            n if n < fixed.len() => fixed[n].to_vec(),
+            n if n % 2 == 0 => {
+                let mut header = valid[rng.usize(..valid.len())].clone();
+                for _ in 0..rng.usize(1..4) {
+                    let at = rng.usize(..header.len());
+                    header[at] = rng.u8(..);
+                }
+                header
+            }
+            _ => {
+                let mut header = if rng.bool() {
+                    b"PROXY ".to_vec()
+                } else {
+                    b"\r\n\r\n\0\r\nQUIT\n".to_vec()
+                };
+                header.extend((0..rng.usize(..120)).map(|_| rng.u8(..)));
+                header
+            }
+        };
+        let mut client = connect(server.local_addr());
+        // The server may close before it has everything: a reset here is fine.
+        let _ = client.write_all(&bytes);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        // Closed, or (a mutation that stayed valid) echoing: either way, not stuck.
+        let mut buf = [0; 256];
+        let _ = client.read(&mut buf);
+    }
+    assert!(
+        eventually(|| server.connections() == 0),
+        "{} still open",
+        server.connections()
+    );
+    let mut client = connect(server.local_addr());
+    client
+        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()))
+        .unwrap();
+    round_trip(&mut client, b"still serving");
+}
+
+#[test]
+fn without_the_option_a_header_is_data_like_any_other() {
+    let server = start_echo();
+    let mut client = connect(server.local_addr());
+    client.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+    let mut reply = [0; 19];
+    client.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"GOT:PROXY UNKNOWN\r\n");
+}
+
+#[cfg(feature = "tls")]
+#[test]
+fn tls_handshake_follows_the_header() {
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, StreamOwned};
+    use taskserve::rustls;
+
+    let files = common::tls::TlsFiles::new();
+    let (report, reports) = mpsc::channel();
+    let server = Server::builder()
+        .threads(2)
+        .proxy_protocol(Some(ProxyProtocol::new()))
+        .listen_tls("127.0.0.1:0", files.config())
+        .start_listeners(reporting_echo(report))
+        .unwrap();
+    let mut tcp = connect(server.local_addr());
+    tcp.write_all(&proxy_v2(
+        Some((addr("192.0.2.8:8000"), server.local_addr())),
+        &[],
+    ))
+    .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = ClientConnection::new(files.client(), name).unwrap();
+    conn.complete_io(&mut tcp).unwrap();
+    let mut tls = StreamOwned::new(conn, tcp);
+    common::tls::tls_round_trip(&mut tls, b"secret").unwrap();
+    let info = reported(&reports);
+    assert_eq!(info.peer_addr, Addr::Inet(addr("192.0.2.8:8000")));
+    assert!(info.tls.is_some());
+}
+
+#[test]
+fn echo_logs_the_client_from_the_header_not_the_proxy() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.env("RUST_LOG", "info");
+    let mut server = EchoProcess::start_with(command, &["--proxy-protocol", "--threads", "1"]);
+    let mut log = BufReader::new(server.stderr());
+    let mut client = connect(server.addr);
+    client
+        .write_all(&proxy_v1(addr("192.0.2.7:40000"), server.addr))
+        .unwrap();
+    round_trip(&mut client, b"hello");
+    drop(client);
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let mut line = String::new();
+        if log.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let done = line.contains("Connection closed");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = lines.concat();
+    assert!(text.contains("Connection from 192.0.2.7:40000"), "{text}");
+    assert!(
+        text.contains("Connection closed: 192.0.2.7:40000"),
+        "{text}"
+    );
+}
+
+#[test]
+fn echo_proxy_from_takes_a_list_of_networks() {
+    let (code, _, stderr) = run_echo(&["--proxy-from", "10.0.0.0/8,bad"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, _, stderr) = run_echo(&["--port", "0", "--proxy-from", "10.0.0.0/8"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("--proxy-from needs --proxy-protocol"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,95 @@
+//! Socket options for running several processes: `--reuse-port` lets two `echo` processes serve
+//! one port; `--keepalive` turns TCP keepalive on for each client.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Starts `echo` with `args`, logging at info; its log lines come through the receiver.
+fn start_logging(args: &[&str]) -> (EchoProcess, mpsc::Receiver<String>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.env("RUST_LOG", "info");
+    let mut server = EchoProcess::start_as_given(command, args);
+    let log = BufReader::new(server.stderr());
+    let (send, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (server, lines)
+}
+
+fn connections_logged(lines: &mpsc::Receiver<String>) -> usize {
+    lines
+        .try_iter()
+        .filter(|line| line.contains("Connection from"))
+        .count()
+}
+
+#[test]
+fn two_processes_with_reuse_port_share_one_port_and_both_serve() {
+    let (first, first_log) = start_logging(&["--reuse-port", "--port", "0", "--threads", "1"]);
+    let port = first.addr.port().to_string();
+    let (second, second_log) = start_logging(&["--reuse-port", "--port", &port, "--threads", "1"]);
+    assert_eq!(first.addr, second.addr);
+    // The kernel picks a listener by a hash of each connection's addresses: new source ports
+    // reach both soon. At most 500 connections, or PATIENCE.
+    let (mut served_first, mut served_second) = (0, 0);
+    let deadline = Instant::now() + PATIENCE;
+    for _ in 0..500 {
+        let mut client = connect(first.addr);
+        round_trip(&mut client, b"which one?");
+        drop(client);
+        std::thread::sleep(Duration::from_millis(2));
+        served_first += connections_logged(&first_log);
+        served_second += connections_logged(&second_log);
+        if (served_first > 0 && served_second > 0) || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert!(
+        served_first > 0 && served_second > 0,
+        "first served {served_first}, second {served_second}"
+    );
+}
+
+#[test]
+fn without_reuse_port_a_second_process_cannot_bind_the_port() {
+    let first = EchoProcess::start(&["--reuse-port", "--threads", "1"]);
+    let port = first.addr.port().to_string();
+    let (code, _, stderr) = run_echo(&["--port", &port, "--threads", "1"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+}
+
+#[test]
+fn keepalive_is_set_on_each_client_connection() {
+    let server = EchoProcess::start(&["--keepalive", "30", "--threads", "1", "--quiet"]);
+    let mut client = connect(server.addr);
+    round_trip(&mut client, b"alive");
+    // The server's end of the connection, as ss shows it: its timer is keepalive's.
+    let port = server.addr.port();
+    let shown = eventually(|| {
+        let out = Command::new("ss")
+            .args([
+                "-tnoH",
+                "state",
+                "established",
+                &format!("( sport = :{port} )"),
+            ])
+            .output()
+            .expect("run ss");
+        String::from_utf8_lossy(&out.stdout).contains("keepalive")
+    });
+    assert!(shown, "ss shows no keepalive timer on the server's socket");
+    let (code, _, _) = run_echo(&["--keepalive", "0"]);
+    assert_eq!(code, Some(2));
+}
