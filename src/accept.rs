@@ -124,7 +124,8 @@ where
             shared.metrics.count_refused(RefusalReason::PerClientLimit);
             continue;
         };
-        let meter = Meter::start(&shared.metrics, &info);
+        // On a PROXY listener, the hooks hear of the client once its header names it.
+        let meter = Meter::start(&shared.metrics, &info, listener.proxy().is_none());
         let stage = match stages(&listener, &shared, stream, info, &peer, &meter) {
             Some(stage) => crate::per_client::hold(client, stage),
             None => continue,
@@ -163,10 +164,18 @@ where
         let tls = listener.tls().cloned();
         let run = async move {
             let mut stream = stream;
-            let info = crate::proxy::read_header(&mut stream, info, &proxy, &peer).await?;
-            // Refused here, the connection counts as closed by its stage (it had a slot).
-            let _client =
-                crate::per_client::admit(shared.per_client.as_ref(), &info, &peer).ok()?;
+            let Some(info) = crate::proxy::read_header(&mut stream, info, &proxy, &peer).await
+            else {
+                meter.stage_failed(CloseReason::ProxyHeaderFailed);
+                return None;
+            };
+            meter.announce(&info);
+            // Refused here, it counts as closed, not refused: it had its slot, and was counted.
+            let Ok(_client) = crate::per_client::admit(shared.per_client.as_ref(), &info, &peer)
+            else {
+                meter.stage_failed(CloseReason::PerClientLimit);
+                return None;
+            };
             #[rustfmt::skip]
             let outcome =
                 after_proxy(stream, info, #[cfg(feature = "tls")] tls, shared, peer, meter);

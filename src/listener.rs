@@ -241,7 +241,8 @@ impl Listener {
                     info: ConnectionInfo {
                         peer_addr: Addr::Inet(peer),
                         local_addr: self.local_addr.clone(),
-                        transport: Transport::Tcp,
+                        // TLS listeners' clients: TLS, though the handshake is still to come.
+                        transport: self.transport,
                         tls: None,
                         peer_credentials: None,
                         proxy: None,

@@ -8,8 +8,8 @@
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::error;
@@ -73,6 +73,11 @@ pub enum CloseReason {
     HandlerPanic,
     /// A stage before the handler ended it: the TLS handshake failed or timed out.
     HandshakeFailed,
+    /// On a PROXY listener, the header was missing, late or malformed.
+    ProxyHeaderFailed,
+    /// On a PROXY listener, the client the header named was over the per-client limit
+    /// (elsewhere such a client is refused before it is served, and counted as refused).
+    PerClientLimit,
     /// The server stopped, and the connection was still open when the drain ran out of time
     /// (or was asked to hurry).
     Stopped,
@@ -80,17 +85,20 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every way, in the order the metrics list them.
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::ClientClosed,
         CloseReason::IdleTimeout,
         CloseReason::HandlerError,
         CloseReason::HandlerPanic,
         CloseReason::HandshakeFailed,
+        CloseReason::ProxyHeaderFailed,
+        CloseReason::PerClientLimit,
         CloseReason::Stopped,
     ];
 
     /// The value of the metric's `reason` label: `client_closed`, `idle_timeout`,
-    /// `handler_error`, `handler_panic`, `handshake_failed`, `stopped`.
+    /// `handler_error`, `handler_panic`, `handshake_failed`, `proxy_header_failed`,
+    /// `per_client_limit`, `stopped`.
     pub fn label(self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
@@ -98,6 +106,8 @@ impl CloseReason {
             CloseReason::HandlerError => "handler_error",
             CloseReason::HandlerPanic => "handler_panic",
             CloseReason::HandshakeFailed => "handshake_failed",
+            CloseReason::ProxyHeaderFailed => "proxy_header_failed",
+            CloseReason::PerClientLimit => "per_client_limit",
             CloseReason::Stopped => "stopped",
         }
     }
@@ -117,6 +127,8 @@ impl fmt::Display for CloseReason {
             CloseReason::HandlerError => "handler error",
             CloseReason::HandlerPanic => "handler panic",
             CloseReason::HandshakeFailed => "handshake failed",
+            CloseReason::ProxyHeaderFailed => "no valid PROXY header",
+            CloseReason::PerClientLimit => "at the per-client limit",
             CloseReason::Stopped => "closed by a stop",
         })
     }
@@ -323,7 +335,13 @@ pub(crate) struct Meter {
     read_flushed: AtomicU64,
     written_flushed: AtomicU64,
     started: Instant,
-    peer_addr: Addr,
+    /// Until a PROXY header names the client, the load balancer's address.
+    peer_addr: Mutex<Addr>,
+    /// Whether the start hook has run: on a PROXY listener, not until the header names the
+    /// client. The end hook runs only for connections the start hook saw.
+    announced: AtomicBool,
+    /// How a stage before the handler ended the connection, when one did.
+    stage_failure: Mutex<Option<CloseReason>>,
     local_addr: Addr,
     transport: Transport,
     metrics: Arc<Metrics>,
@@ -340,22 +358,58 @@ impl fmt::Debug for Meter {
 
 impl Meter {
     /// A meter for the connection `info` describes, which has just got its slot; runs the start
-    /// hook.
-    pub(crate) fn start(metrics: &Arc<Metrics>, info: &ConnectionInfo) -> Arc<Meter> {
-        if let Some(hook) = &metrics.hooks.start {
-            run_hook("on_connection_start", || hook(info));
-        }
-        Arc::new(Meter {
+    /// hook, unless `announce` is false (a PROXY listener's connection, whose client is not
+    /// known yet: [`Meter::announce`] runs it then).
+    pub(crate) fn start(
+        metrics: &Arc<Metrics>,
+        info: &ConnectionInfo,
+        announce: bool,
+    ) -> Arc<Meter> {
+        let meter = Arc::new(Meter {
             read: AtomicU64::new(0),
             written: AtomicU64::new(0),
             read_flushed: AtomicU64::new(0),
             written_flushed: AtomicU64::new(0),
             started: Instant::now(),
-            peer_addr: info.peer_addr.clone(),
+            peer_addr: Mutex::new(info.peer_addr.clone()),
+            announced: AtomicBool::new(false),
+            stage_failure: Mutex::new(None),
             local_addr: info.local_addr.clone(),
             transport: info.transport,
             metrics: Arc::clone(metrics),
-        })
+        });
+        if announce {
+            meter.announce(info);
+        }
+        meter
+    }
+
+    /// The client is known (`info`, after a PROXY header): runs the start hook.
+    pub(crate) fn announce(&self, info: &ConnectionInfo) {
+        *self
+            .peer_addr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = info.peer_addr.clone();
+        self.announced.store(true, Relaxed);
+        if let Some(hook) = &self.metrics.hooks.start {
+            run_hook("on_connection_start", || hook(info));
+        }
+    }
+
+    /// A stage before the handler is ending the connection, for this reason.
+    pub(crate) fn stage_failed(&self, reason: CloseReason) {
+        *self
+            .stage_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+    }
+
+    /// How a stage ended the connection (the TLS handshake, unless another stage said).
+    pub(crate) fn stage_failure(&self) -> CloseReason {
+        self.stage_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or(CloseReason::HandshakeFailed)
     }
 
     #[inline]
@@ -398,9 +452,14 @@ impl Meter {
             .duration_sum_micros
             .fetch_add(duration.as_micros() as u64, Relaxed);
         metrics.closed[closed.index()].fetch_add(1, Relaxed);
-        if let Some(hook) = &metrics.hooks.end {
+        let hook = metrics.hooks.end.as_ref();
+        if let Some(hook) = hook.filter(|_| self.announced.load(Relaxed)) {
+            let peer_addr = self
+                .peer_addr
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let report = ConnectionReport {
-                peer_addr: self.peer_addr.clone(),
+                peer_addr: peer_addr.clone(),
                 local_addr: self.local_addr.clone(),
                 transport: self.transport,
                 duration,
@@ -522,7 +581,7 @@ mod tests {
             peer_credentials: None,
             proxy: None,
         };
-        let meter = Meter::start(&metrics, &info);
+        let meter = Meter::start(&metrics, &info, true);
         meter.add_read(60 * 1024);
         assert_eq!(metrics.snapshot().bytes_read, 0);
         meter.add_read(5 * 1024);

@@ -207,7 +207,7 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
                 CloseReason::HandlerError
             }
             // A stage ended it, and said why.
-            Some(Ok(None)) => CloseReason::HandshakeFailed,
+            Some(Ok(None)) => this.meter.stage_failure(),
             Some(Err(panic)) => {
                 log_panic(peer, &*panic);
                 CloseReason::HandlerPanic

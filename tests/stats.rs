@@ -222,3 +222,58 @@ fn log_line_tells_duration_bytes_and_how_the_connection_ended() {
     assert!((0.0..10.0).contains(&seconds), "{line}");
     assert_eq!(rest, "in 5 B, out 9 B, client closed", "{line}");
 }
+
+#[test]
+fn behind_a_proxy_hooks_and_counts_name_the_client_and_why_a_connection_ended() {
+    let ended = Arc::new(Mutex::new(Vec::<ConnectionReport>::new()));
+    let server = Server::builder()
+        .threads(2)
+        .proxy_protocol(Some(taskserve::ProxyProtocol::new()))
+        .max_connections_per_ip(Some(1))
+        .on_connection_end({
+            let ended = Arc::clone(&ended);
+            move |report| ended.lock().unwrap().push(report.clone())
+        })
+        .start("127.0.0.1:0", taskserve::echo)
+        .unwrap();
+    let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+    let again: SocketAddr = "192.0.2.7:40001".parse().unwrap();
+    let mut first = connect(server.local_addr());
+    first
+        .write_all(&proxy_v1(client, server.local_addr()))
+        .unwrap();
+    round_trip(&mut first, b"served");
+    // The same client again: over its limit of one, closed once the header names it.
+    let mut second = connect(server.local_addr());
+    second
+        .write_all(&proxy_v1(again, server.local_addr()))
+        .unwrap();
+    wait_for_close(&mut second, PATIENCE).expect("the second connection closed");
+    // No valid header: closed, counted, and not reported (the hooks never heard of a client).
+    let mut garbage = connect(server.local_addr());
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    wait_for_close(&mut garbage, PATIENCE).expect("the garbage connection closed");
+    first.shutdown(Shutdown::Write).unwrap();
+    read_to_close(&mut first);
+    assert!(eventually(|| server.stats().open == 0));
+
+    let stats = server.stats();
+    assert_eq!(stats.closed(CloseReason::ClientClosed), 1, "{stats:?}");
+    assert_eq!(stats.closed(CloseReason::PerClientLimit), 1, "{stats:?}");
+    assert_eq!(stats.closed(CloseReason::ProxyHeaderFailed), 1, "{stats:?}");
+    let mut reports: Vec<_> = ended
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| (r.peer_addr.clone(), r.closed))
+        .collect();
+    reports.sort_by_key(|(addr, _)| addr.to_string());
+    assert_eq!(
+        reports,
+        [
+            (Addr::Inet(client), CloseReason::ClientClosed),
+            (Addr::Inet(again), CloseReason::PerClientLimit),
+        ]
+    );
+    server.stop();
+}
