@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -335,16 +335,24 @@ pub(crate) struct Meter {
     read_flushed: AtomicU64,
     written_flushed: AtomicU64,
     started: Instant,
-    /// Until a PROXY header names the client, the load balancer's address.
-    peer_addr: Mutex<Addr>,
     /// Whether the start hook has run: on a PROXY listener, not until the header names the
     /// client. The end hook runs only for connections the start hook saw.
     announced: AtomicBool,
-    /// How a stage before the handler ended the connection, when one did.
-    stage_failure: Mutex<Option<CloseReason>>,
+    /// How a stage before the handler ended the connection, when one did: the index of its
+    /// [`CloseReason`] plus one, or 0.
+    stage_failure: AtomicU8,
+    /// What the end hook reports besides the counts; only kept when there is an end hook, so
+    /// that a server without one spends no memory per connection on it.
+    who: Option<Box<Who>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Who a connection was with, for the end hook's report.
+struct Who {
+    /// Until a PROXY header names the client, the load balancer's address.
+    peer_addr: Mutex<Addr>,
     local_addr: Addr,
     transport: Transport,
-    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Meter {
@@ -371,11 +379,15 @@ impl Meter {
             read_flushed: AtomicU64::new(0),
             written_flushed: AtomicU64::new(0),
             started: Instant::now(),
-            peer_addr: Mutex::new(info.peer_addr.clone()),
             announced: AtomicBool::new(false),
-            stage_failure: Mutex::new(None),
-            local_addr: info.local_addr.clone(),
-            transport: info.transport,
+            stage_failure: AtomicU8::new(0),
+            who: metrics.hooks.end.as_ref().map(|_| {
+                Box::new(Who {
+                    peer_addr: Mutex::new(info.peer_addr.clone()),
+                    local_addr: info.local_addr.clone(),
+                    transport: info.transport,
+                })
+            }),
             metrics: Arc::clone(metrics),
         });
         if announce {
@@ -386,10 +398,9 @@ impl Meter {
 
     /// The client is known (`info`, after a PROXY header): runs the start hook.
     pub(crate) fn announce(&self, info: &ConnectionInfo) {
-        *self
-            .peer_addr
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = info.peer_addr.clone();
+        if let Some(who) = &self.who {
+            *who.peer_addr.lock().unwrap_or_else(PoisonError::into_inner) = info.peer_addr.clone();
+        }
         self.announced.store(true, Relaxed);
         if let Some(hook) = &self.metrics.hooks.start {
             run_hook("on_connection_start", || hook(info));
@@ -398,18 +409,15 @@ impl Meter {
 
     /// A stage before the handler is ending the connection, for this reason.
     pub(crate) fn stage_failed(&self, reason: CloseReason) {
-        *self
-            .stage_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        self.stage_failure.store(reason.index() as u8 + 1, Relaxed);
     }
 
     /// How a stage ended the connection (the TLS handshake, unless another stage said).
     pub(crate) fn stage_failure(&self) -> CloseReason {
-        self.stage_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .unwrap_or(CloseReason::HandshakeFailed)
+        match self.stage_failure.load(Relaxed) {
+            0 => CloseReason::HandshakeFailed,
+            n => CloseReason::ALL[usize::from(n) - 1],
+        }
     }
 
     #[inline]
@@ -452,16 +460,13 @@ impl Meter {
             .duration_sum_micros
             .fetch_add(duration.as_micros() as u64, Relaxed);
         metrics.closed[closed.index()].fetch_add(1, Relaxed);
-        let hook = metrics.hooks.end.as_ref();
-        if let Some(hook) = hook.filter(|_| self.announced.load(Relaxed)) {
-            let peer_addr = self
-                .peer_addr
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+        let hook = metrics.hooks.end.as_ref().zip(self.who.as_ref());
+        if let Some((hook, who)) = hook.filter(|_| self.announced.load(Relaxed)) {
+            let peer_addr = who.peer_addr.lock().unwrap_or_else(PoisonError::into_inner);
             let report = ConnectionReport {
                 peer_addr: peer_addr.clone(),
-                local_addr: self.local_addr.clone(),
-                transport: self.transport,
+                local_addr: who.local_addr.clone(),
+                transport: who.transport,
                 duration,
                 bytes_read: read,
                 bytes_written: written,
