@@ -19,6 +19,10 @@ use crate::stats::Meter;
 ///
 /// To read in one task and write from another (a chat room, say), [`split`](crate::io::split) it.
 ///
+/// Over TLS, what the handler wrote last is sent, and the session closed (close_notify), once
+/// its future ends. A stream kept past that (moved into a task of its own) must be closed by
+/// whoever holds it (`close().await`), or its last bytes may be lost.
+///
 /// # Examples
 ///
 /// A handler that greets the client by address and hangs up:

@@ -379,12 +379,13 @@ mod unix {
         remove_if_stale(path).map_err(fail)?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
         socket.bind(&SockAddr::unix(path)?).map_err(fail)?;
-        socket.listen(super::clamp_backlog(backlog)).map_err(fail)?;
+        // Ours from here: a failure below removes the file it made.
         let meta = fs::symlink_metadata(path).map_err(fail)?;
         let file = SocketFile {
             path: path.to_path_buf(),
             id: (meta.dev(), meta.ino()),
         };
+        socket.listen(super::clamp_backlog(backlog)).map_err(fail)?;
         Ok((UnixListener::from(std::os::fd::OwnedFd::from(socket)), file))
     }
 

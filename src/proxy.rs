@@ -111,9 +111,18 @@ pub struct Cidr {
 
 impl Cidr {
     /// The network of `addr`'s first `prefix` bits (at most 32 for IPv4, 128 for IPv6: more is
-    /// taken as the whole address).
+    /// taken as the whole address). For an IPv4-mapped address the prefix counts its IPv6 bits:
+    /// `::ffff:10.0.0.0/104` is `10.0.0.0/8`. One shorter than 96 reaches beyond the mapped
+    /// addresses and stays an IPv6 network, which matches no IPv4 client: never more trust
+    /// than was written.
     pub fn new(addr: IpAddr, prefix: u8) -> Cidr {
-        let addr = canonical(SocketAddr::new(addr, 0)).ip();
+        let (addr, prefix) = match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if prefix >= 96 => (IpAddr::V4(v4), prefix - 96),
+                _ => (addr, prefix),
+            },
+            v4 => (v4, prefix),
+        };
         let prefix = prefix.min(bits(addr));
         Cidr {
             addr: mask(addr, prefix),
@@ -167,11 +176,10 @@ impl FromStr for Cidr {
             .trim_end_matches(']')
             .parse()
             .map_err(|_| format!("{s:?} is not an IP address or network (10.0.0.0/8, ::1)"))?;
-        let max = bits(canonical(SocketAddr::new(addr, 0)).ip());
         let prefix = match prefix {
-            None => max,
+            None => bits(addr),
             Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= bits(addr) => p.saturating_sub(bits(addr) - max),
+                Ok(p) if p <= bits(addr) => p,
                 _ => {
                     return Err(format!(
                         "{s:?}: the prefix length must be 0 to {}",
@@ -467,6 +475,18 @@ mod tests {
         assert!("nonsense".parse::<Cidr>().is_err());
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_mapped_network_is_never_wider_than_written() {
+        // Shorter than the mapped range: an IPv6 network, which trusts no IPv4 client.
+        let wide: Cidr = "::ffff:10.0.0.0/90".parse().unwrap();
+        assert!(!wide.contains("8.8.8.8".parse().unwrap()));
+        // `new` and parsing agree on a mapped address's prefix.
+        let mapped: Ipv6Addr = "::ffff:10.0.0.0".parse().unwrap();
+        let parsed: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert_eq!(Cidr::new(mapped.into(), 104), parsed);
+        assert_eq!(parsed.to_string(), "10.0.0.0/8");
     }
 
     #[test]

@@ -228,8 +228,9 @@ impl Builder {
 
     /// Calls `hook` with what is known about each client as it is accepted and given its slot,
     /// before its handler (or its TLS handshake) starts: as Go's `ConnState` hook, to feed your
-    /// own metrics or an audit log. It runs in the accept loop, so it must be quick; a panic in
-    /// it is logged and ignored. Clients refused at the connection limit are not seen.
+    /// own metrics or an audit log. It runs in the accept loop (on a PROXY listener, in the
+    /// connection's task once the header has named the client), so it must be quick; a panic
+    /// in it is logged and ignored. Clients refused at a limit are not seen.
     pub fn on_connection_start(
         mut self,
         hook: impl Fn(&crate::ConnectionInfo) + Send + Sync + 'static,
@@ -612,15 +613,16 @@ impl Builder {
             let name = format!("taskserve-w{n}");
             let executor = Arc::clone(&executor);
             let released = released.clone();
-            let lifecycle = Arc::clone(&lifecycle);
+            let worker_lifecycle = Arc::clone(&lifecycle);
             let worker = thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || run_worker(&executor, &lifecycle, released));
+                .spawn(move || run_worker(&executor, &worker_lifecycle, released));
             match worker {
                 Ok(worker) => running.workers.push(worker),
                 Err(e) => {
                     // Stops the workers started so far, and returns once they have ended.
                     running.finish(future::ready(()));
+                    lifecycle.set_stopped();
                     return Err(io::Error::new(
                         e.kind(),
                         format!("failed to start {name}: {e}"),
@@ -635,6 +637,7 @@ impl Builder {
                 Ok(signals) => signals,
                 Err(e) => {
                     running.finish(future::ready(()));
+                    lifecycle.set_stopped();
                     return Err(io::Error::new(
                         e.kind(),
                         format!("failed to install signal handlers: {e}"),
@@ -822,9 +825,7 @@ impl Server {
     /// Called from one of the server's own tasks, which cannot wait for itself, it returns at
     /// once and the stop goes on.
     pub fn stop(&self) {
-        if self.lifecycle.requests() == 0 {
-            self.lifecycle.request();
-        }
+        self.lifecycle.request_once();
         self.wait();
     }
 

@@ -54,6 +54,17 @@ impl Lifecycle {
         self.begin_stop(&mut slot);
     }
 
+    /// Asks for a stop unless one was asked for already: two callers at once make one request
+    /// between them, not a request and a hurry.
+    pub(crate) fn request_once(self: &Arc<Self>) {
+        let mut slot = self.stop.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.requests() == 0 {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            self.requested.notify(usize::MAX);
+            self.begin_stop(&mut slot);
+        }
+    }
+
     fn begin_stop(self: &Arc<Self>, slot: &mut Option<StopFn>) {
         let Some(stop) = slot.take() else {
             return;
@@ -73,7 +84,9 @@ impl Lifecycle {
         }
     }
 
-    fn set_stopped(&self) {
+    /// Marks the server stopped without a stop having run: for a `start` that failed and took
+    /// its parts apart itself, so that dropping its half-made server does not wait for ever.
+    pub(crate) fn set_stopped(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.stopped_event.notify(usize::MAX);
     }

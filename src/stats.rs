@@ -30,8 +30,8 @@ pub enum RefusalReason {
     /// Its address had as many connections open as one client may have. Counted by the
     /// per-client limit; 0 where there is none.
     PerClientLimit,
-    /// It sent a PROXY protocol header but does not come from a trusted proxy. Counted by the
-    /// PROXY protocol stage; 0 where there is none.
+    /// It connected to a PROXY protocol listener from an address not trusted to send the
+    /// header, and was closed at once, before anything was read; 0 without such a listener.
     UntrustedProxy,
 }
 
@@ -441,15 +441,8 @@ impl Meter {
         let duration = self.started.elapsed();
         let (read, written) = (self.read.load(Relaxed), self.written.load(Relaxed));
         let metrics = &*self.metrics;
-        metrics
-            .bytes_read
-            .fetch_add(read - self.read_flushed.load(Relaxed), Relaxed);
-        metrics
-            .bytes_written
-            .fetch_add(written - self.written_flushed.load(Relaxed), Relaxed);
-        // Flushed for good: a second `finish` (there is none) would add nothing.
-        self.read_flushed.store(read, Relaxed);
-        self.written_flushed.store(written, Relaxed);
+        flush(read, &self.read_flushed, &metrics.bytes_read);
+        flush(written, &self.written_flushed, &metrics.bytes_written);
         let seconds = duration.as_secs_f64();
         let bucket = DURATION_BUCKETS
             .iter()
@@ -489,10 +482,18 @@ impl Meter {
 fn add(count: &AtomicU64, flushed: &AtomicU64, total: &AtomicU64, n: usize) {
     let now = count.load(Relaxed) + n as u64;
     count.store(now, Relaxed);
-    let done = flushed.load(Relaxed);
-    if now - done >= FLUSH_EVERY {
-        total.fetch_add(now - done, Relaxed);
-        flushed.store(now, Relaxed);
+    if now.saturating_sub(flushed.load(Relaxed)) >= FLUSH_EVERY {
+        flush(now, flushed, total);
+    }
+}
+
+/// Adds to `total` what of `now` it does not have yet. `fetch_max`, because the end of a
+/// connection can flush while a stream handed to another task still counts: each byte is added
+/// once, and the totals never go back.
+fn flush(now: u64, flushed: &AtomicU64, total: &AtomicU64) {
+    let before = flushed.fetch_max(now, Relaxed);
+    if now > before {
+        total.fetch_add(now - before, Relaxed);
     }
 }
 
