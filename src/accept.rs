@@ -38,12 +38,15 @@ pub(crate) struct Shared<H> {
     pub(crate) handshake_timeout: Duration,
 }
 
-/// Accepts clients from `listener` and spawns a task for each, until cancelled. Never returns
-/// on an accept error: errors that concern one client are skipped, and the others (out of file
-/// descriptors, say) back off from 5 ms to 1 s, or until a connection closes and frees a
-/// descriptor.
-pub(crate) async fn accept_loop<H, F>(listener: Listener, shared: Arc<Shared<H>>)
-where
+/// Accepts clients from `listener` and spawns a task for each, until `closing` completes; then
+/// serves the clients already queued and closes the listener. Never returns on an accept error:
+/// errors that concern one client are skipped, and the others (out of file descriptors, say)
+/// back off from 5 ms to 1 s, or until a connection closes and frees a descriptor.
+pub(crate) async fn accept_loop<H, F>(
+    listener: Listener,
+    shared: Arc<Shared<H>>,
+    closing: impl Future<Output = ()>,
+) where
     H: Fn(Connection) -> F + Send + Sync + 'static,
     F: Future<Output = io::Result<()>> + Send + 'static,
 {
@@ -51,8 +54,16 @@ where
     let mut backoff = Backoff::default();
     let mut refusals = RateLimit::default();
     let mut failures = RateLimit::default();
+    let mut closing = std::pin::pin!(closing);
     loop {
-        let accept = listener.accept();
+        // `closing` first: under a steady stream of clients `accept` is always ready, and would
+        // otherwise keep the stop from being seen.
+        let accept = async { Some(listener.accept().await) };
+        let accept = async {
+            (&mut closing).await;
+            None
+        }
+        .or(accept);
         let accepted = match refusals.held_back_until() {
             None => accept.await,
             // A burst of refusals ended a second ago: say how many went unlogged.
@@ -68,15 +79,25 @@ where
                 }
             },
         };
+        let Some(accepted) = accepted else {
+            break;
+        };
         if accepted.is_err() {
             shared.metrics.count_accept_error();
         }
-        let Accepted { stream, info } = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) if concerns_one_client(&e) => {
-                debug!("accept: {e}");
-                continue;
+        match accepted {
+            Ok(accepted) => {
+                backoff = Backoff::default();
+                let held_back = failures.take_held_back();
+                if held_back > 0 {
+                    error!(
+                        "accept works again after {} not logged",
+                        count(held_back as usize, "more failure")
+                    );
+                }
+                serve_accepted(&listener, &shared, accepted, &mut refusals);
             }
+            Err(e) if concerns_one_client(&e) => debug!("accept: {e}"),
             Err(e) => {
                 let delay = backoff.next();
                 if let Some(held_back) = failures.allow() {
@@ -90,55 +111,102 @@ where
                 }
                 .or(shared.tracker.some_closed())
                 .await;
-                continue;
             }
-        };
-        backoff = Backoff::default();
-        let held_back = failures.take_held_back();
-        if held_back > 0 {
-            error!(
-                "accept works again after {} not logged",
-                count(held_back as usize, "more failure")
+        }
+    }
+    drain_queue(&listener, &shared, &mut refusals);
+    // Dropping `listener` closes it now, microseconds after the last accept.
+}
+
+/// The most clients a stop takes from one listener's queue: its backlog, with room for those
+/// that arrive while it drains.
+const DRAIN_LIMIT: usize = 65_536;
+
+/// Serves the clients that completed their handshake before the stop and still wait in the
+/// kernel's queue: closing the listener would reset each of them. With SO_REUSEPORT they are
+/// this process's share of the port's clients, which another process of the group cannot
+/// take. No await from the last accept to the listener's close, so that as few clients as
+/// possible slip in between.
+fn drain_queue<H, F>(listener: &Listener, shared: &Arc<Shared<H>>, refusals: &mut RateLimit)
+where
+    H: Fn(Connection) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let mut drained = 0;
+    for _ in 0..DRAIN_LIMIT {
+        match listener.accept_now() {
+            Ok(accepted) => {
+                serve_accepted(listener, shared, accepted, refusals);
+                drained += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if concerns_one_client(&e) => debug!("accept: {e}"),
+            Err(e) => {
+                shared.metrics.count_accept_error();
+                debug!("accept while closing failed: {e}; closing the listener");
+                break;
+            }
+        }
+    }
+    if drained > 0 {
+        debug!(
+            "closing {}: served {} still queued",
+            listener.local_addr(),
+            count(drained, "client")
+        );
+    }
+}
+
+/// Gives one accepted client its task, or closes it at once: an untrusted PROXY source, or a
+/// client past the connection limit or the per-client limit.
+fn serve_accepted<H, F>(
+    listener: &Listener,
+    shared: &Arc<Shared<H>>,
+    accepted: Accepted,
+    refusals: &mut RateLimit,
+) where
+    H: Fn(Connection) -> F + Send + Sync + 'static,
+    F: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let max_connections = shared.max_connections;
+    let Accepted { stream, info } = accepted;
+    shared.metrics.count_accepted();
+    // On a PROXY listener, an untrusted source is closed here, before it takes a slot.
+    let Some(peer) = crate::proxy::peer(listener.proxy(), &info) else {
+        shared.metrics.count_refused(RefusalReason::UntrustedProxy);
+        return;
+    };
+    let Some(slot) = shared.tracker.try_open(max_connections) else {
+        // Accept and close, rather than leave clients hanging in the backlog.
+        drop(stream);
+        shared.metrics.count_refused(RefusalReason::ConnectionLimit);
+        if let Some(held_back) = refusals.allow() {
+            warn!(
+                "refused {peer}: at the connection limit ({max_connections} open){}",
+                unlogged(held_back)
             );
         }
-        shared.metrics.count_accepted();
-        // On a PROXY listener, an untrusted source is closed here, before it takes a slot.
-        let Some(peer) = crate::proxy::peer(listener.proxy(), &info) else {
-            shared.metrics.count_refused(RefusalReason::UntrustedProxy);
-            continue;
-        };
-        let Some(slot) = shared.tracker.try_open(max_connections) else {
-            // Accept and close, rather than leave clients hanging in the backlog.
-            drop(stream);
-            shared.metrics.count_refused(RefusalReason::ConnectionLimit);
-            if let Some(held_back) = refusals.allow() {
-                warn!(
-                    "refused {peer}: at the connection limit ({max_connections} open){}",
-                    unlogged(held_back)
-                );
-            }
-            continue;
-        };
-        // Behind a proxy, the limit is checked once the header names the client (`stages`).
-        let Ok(client) = crate::per_client::admit(shared.per_client.as_ref(), &info, &peer) else {
-            shared.metrics.count_refused(RefusalReason::PerClientLimit);
-            continue;
-        };
-        // On a PROXY listener, the hooks hear of the client once its header names it.
-        let meter = Meter::start(&shared.metrics, &info, listener.proxy().is_none());
-        let stage = match stages(&listener, &shared, stream, info, &peer, &meter) {
-            Some(stage) => crate::per_client::hold(client, stage),
-            None => continue,
-        };
-        let idle = shared
-            .idle
-            .as_ref()
-            .map(|sweeper| IdleWatch::new(Arc::clone(sweeper)));
-        shared
-            .executor
-            .spawn(ConnectionTask::new(stage, peer, idle, slot, meter))
-            .detach();
-    }
+        return;
+    };
+    // Behind a proxy, the limit is checked once the header names the client (`stages`).
+    let Ok(client) = crate::per_client::admit(shared.per_client.as_ref(), &info, &peer) else {
+        shared.metrics.count_refused(RefusalReason::PerClientLimit);
+        return;
+    };
+    // On a PROXY listener, the hooks hear of the client once its header names it.
+    let meter = Meter::start(&shared.metrics, &info, listener.proxy().is_none());
+    let stage = match stages(listener, shared, stream, info, &peer, &meter) {
+        Some(stage) => crate::per_client::hold(client, stage),
+        None => return,
+    };
+    let idle = shared
+        .idle
+        .as_ref()
+        .map(|sweeper| IdleWatch::new(Arc::clone(sweeper)));
+    shared
+        .executor
+        .spawn(ConnectionTask::new(stage, peer, idle, slot, meter))
+        .detach();
 }
 
 /// What a new connection's task runs: on a TLS listener the handshake, the handler, then the

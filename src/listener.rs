@@ -221,9 +221,24 @@ impl Listener {
     /// Accepts the next client. Errors are accept(2)'s: the caller tells the ones about one
     /// client from the ones about the server.
     pub(crate) async fn accept(&self) -> io::Result<Accepted> {
+        loop {
+            match self.accept_now() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match &self.socket {
+                    Bound::Tcp(listener) => listener.readable().await?,
+                    #[cfg(unix)]
+                    Bound::Unix { listener, .. } => listener.readable().await?,
+                },
+                accepted => return accepted,
+            }
+        }
+    }
+
+    /// Accepts a client already in the kernel's queue, without waiting: `WouldBlock` when the
+    /// queue is empty. What a stop uses to serve the clients queued before it closes.
+    pub(crate) fn accept_now(&self) -> io::Result<Accepted> {
         match &self.socket {
             Bound::Tcp(listener) => {
-                let (stream, peer) = listener.read_with(|l| l.accept()).await?;
+                let (stream, peer) = listener.get_ref().accept()?;
                 let peer = canonical(peer);
                 // Without TCP_NODELAY, a reply written in two parts (prefix, then payload)
                 // waits for the client's delayed ACK: Nagle's algorithm turns each round trip
@@ -251,7 +266,7 @@ impl Listener {
             }
             #[cfg(unix)]
             Bound::Unix { listener, .. } => {
-                let (stream, peer) = listener.read_with(|l| l.accept()).await?;
+                let (stream, peer) = listener.get_ref().accept()?;
                 let peer_credentials = unix::peer_credentials(&stream);
                 Ok(Accepted {
                     stream: Stream::Unix(async_net::unix::UnixStream::try_from(stream)?),

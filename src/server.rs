@@ -569,12 +569,22 @@ impl Builder {
             #[cfg(feature = "tls")]
             handshake_timeout: self.tls_handshake_timeout,
         });
-        #[allow(unused_mut)] // without the metrics feature, nothing is added
-        let mut accept: Vec<_> = listeners
+        // Each loop ends, serving what its listener still holds queued, once `close_listeners`
+        // is dropped.
+        let (close_listeners, closing) = channel::bounded::<()>(1);
+        let accept: Vec<_> = listeners
             .into_iter()
-            .map(|listener| executor.spawn(accept_loop(listener, Arc::clone(&shared))))
+            .map(|listener| {
+                let closing = closing.clone();
+                let closing = async move {
+                    let _ = closing.recv().await;
+                };
+                executor.spawn(accept_loop(listener, Arc::clone(&shared), closing))
+            })
             .collect();
-        // With the accept loops, so that a stop closes its port first too.
+        #[allow(unused_mut)] // without the metrics feature, nothing is added
+        let mut cancel = Vec::new();
+        // Stopped with the accept loops, so that a stop closes its port first too.
         #[cfg(feature = "metrics")]
         let metrics_addr = match metrics_listener {
             Some(listener) => {
@@ -584,7 +594,7 @@ impl Builder {
                     Arc::clone(&metrics),
                     Arc::clone(&executor),
                 );
-                accept.push(executor.spawn(serving));
+                cancel.push(executor.spawn(serving));
                 addr
             }
             None => None,
@@ -601,7 +611,9 @@ impl Builder {
             tls: tls.clone(),
         };
         let mut running = Running {
+            close_listeners,
             accept,
+            cancel,
             tracker,
             shutdown_timeout: self.shutdown_timeout,
             release_workers,
@@ -726,9 +738,13 @@ pub struct Server {
 
 /// The parts of a server that a stop takes apart, in this order.
 struct Running {
-    /// One accept loop per listener, each owning its listening socket: cancelling them
-    /// releases the ports (and removes Unix socket files).
+    /// Dropping this sender ends the accept loops.
+    close_listeners: channel::Sender<()>,
+    /// One accept loop per listener, each owning its listening socket: once ended they have
+    /// released the ports (and removed Unix socket files).
     accept: Vec<Task<()>>,
+    /// Tasks that own a listener which is not a client's (the metrics endpoint): cancelled.
+    cancel: Vec<Task<()>>,
     tracker: Arc<Tracker>,
     shutdown_timeout: Duration,
     /// Dropping this sender ends every worker's run of the executor.
@@ -860,13 +876,17 @@ impl Running {
     /// Stops accepting, waits for open connections until they end, the shutdown timeout
     /// passes or `hurry` completes, then closes the rest and joins the workers.
     fn finish(self, hurry: impl Future<Output = ()>) {
-        // Cancelling drops the accept loops, and with them the listening sockets. This thread
-        // runs the executor meanwhile: with no worker started (a failed `start`), nothing else
-        // would.
+        // The accept loops end, each serving the clients its listener still holds queued (a
+        // closed listener resets them) and then closing it. This thread runs the executor
+        // meanwhile: with no worker started (a failed `start`), nothing else would.
+        drop(self.close_listeners);
         let executor = &self.executor;
         future::block_on(executor.run(async {
+            for task in self.cancel {
+                task.cancel().await;
+            }
             for accept in self.accept {
-                accept.cancel().await;
+                accept.await;
             }
         }));
         let open = self.tracker.open();
