@@ -36,6 +36,11 @@ impl Room {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// How many are in the room. (For tests/examples.rs, which waits for its clients to join.)
+    pub fn headcount(&self) -> usize {
+        self.members().len()
+    }
+
     /// Queues `message` for everyone but `from`, without waiting for anyone.
     fn broadcast(&self, from: &Addr, message: String) {
         let message = Arc::<str>::from(message);

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::connect;
+use common::{connect, eventually};
 use taskserve::Server;
 
 #[test]
@@ -40,21 +40,22 @@ fn chat_relays_lines_and_says_goodbye_to_everyone_when_the_server_stops() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(60))
-        .start("127.0.0.1:0", move |conn| {
-            chat::chat(Arc::clone(&room), conn)
+        .start("127.0.0.1:0", {
+            let room = Arc::clone(&room);
+            move |conn| chat::chat(Arc::clone(&room), conn)
         })
         .unwrap();
+    // One at a time: each client's task joins the room on whichever worker runs it first.
     let mut alice = connect(server.local_addr());
+    assert!(eventually(|| room.headcount() == 1), "alice did not join");
     let mut bob = BufReader::new(connect(server.local_addr()));
     let bob_addr = bob.get_ref().local_addr().unwrap();
     let alice_addr = alice.local_addr().unwrap();
-    // Alice hears Bob join once both are in the room; then her line reaches Bob.
+    // Alice hears Bob join; then her line reaches Bob.
     let mut alice_lines = BufReader::new(alice.try_clone().unwrap());
     let mut heard = String::new();
-    while !heard.contains(&format!("{bob_addr} joined")) {
-        heard.clear();
-        alice_lines.read_line(&mut heard).unwrap();
-    }
+    alice_lines.read_line(&mut heard).unwrap();
+    assert_eq!(heard, format!("{bob_addr} joined\n"));
     alice.write_all(b"hi bob\n").unwrap();
     let mut line = String::new();
     bob.read_line(&mut line).unwrap();
