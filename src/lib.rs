@@ -86,6 +86,7 @@
 
 mod accept;
 mod connection;
+mod deadline;
 mod echo;
 mod idle;
 mod listener;

@@ -20,11 +20,11 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use crate::connection::Stream;
+use crate::deadline::within;
 use crate::listener::{Accepted, Listener};
 use crate::stats::{CloseReason, Metrics, RefusalReason};
 
@@ -70,12 +70,8 @@ pub(crate) async fn serve_metrics(
         let (registry, scrapes) = (Arc::clone(&registry), Arc::clone(&scrapes));
         executor
             .spawn(async move {
-                let answered = answer(stream, &registry)
-                    .or(async {
-                        Timer::after(DEADLINE).await;
-                        Err(io::ErrorKind::TimedOut.into())
-                    })
-                    .await;
+                let answered =
+                    within(DEADLINE, "no request answered", answer(stream, &registry)).await;
                 if let Err(e) = answered {
                     debug!("metrics: {}: {e}", info.peer_addr);
                 }

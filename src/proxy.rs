@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, info};
-use smol::future::FutureExt;
 use smol::io::AsyncReadExt;
-use smol::Timer;
 
 use crate::connection::{Addr, ConnectionInfo, Stream};
+use crate::deadline::within;
 use crate::listener::canonical;
 use crate::task::Peer;
 
@@ -418,14 +417,7 @@ pub(crate) async fn read_header(
     };
     let proxy_addr = *proxy_addr;
     let timeout = proxy.0.timeout;
-    let deadline = async {
-        Timer::after(timeout).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no complete PROXY header within {timeout:?}"),
-        ))
-    };
-    let header = match read_framed(tcp).or(deadline).await {
+    let header = match within(timeout, "no complete PROXY header", read_framed(tcp)).await {
         Ok(header) => header,
         Err(e) => {
             debug!("{peer}: closed: {e}");

@@ -16,11 +16,10 @@ use futures_rustls::rustls::server::WebPkiClientVerifier;
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
 use futures_rustls::TlsAcceptor;
 use log::debug;
-use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use smol::Timer;
 
 use crate::connection::{ConnectionInfo, Stream, TlsInfo, Transport};
+use crate::deadline::within;
 use crate::task::Peer;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
@@ -245,14 +244,7 @@ pub(crate) async fn handshake(
         return None;
     };
     let accepting = TlsAcceptor::from(tls.current()).accept(tcp);
-    let deadline = async {
-        Timer::after(timeout).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no handshake within {timeout:?}"),
-        ))
-    };
-    let stream = match accepting.or(deadline).await {
+    let stream = match within(timeout, "no handshake", accepting).await {
         Ok(stream) => stream,
         Err(e) => {
             debug!("{peer}: TLS handshake failed: {e}");
@@ -371,15 +363,8 @@ impl Closing {
         let Some(mut stream) = stream else {
             return;
         };
-        let deadline = async {
-            Timer::after(timeout).await;
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("not closed within {timeout:?}"),
-            ))
-        };
         // An error means the client left first or did not read: nothing more to do for it.
-        if let Err(e) = stream.close().or(deadline).await {
+        if let Err(e) = within(timeout, "not closed", stream.close()).await {
             debug!("{peer}: TLS close: {e}");
         }
     }
