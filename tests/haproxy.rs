@@ -53,14 +53,6 @@ impl Drop for Haproxy {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_haproxy(dir: &TempDir, port: u16, backends: &[&Backend]) -> Haproxy {
     let mut config = format!(
         "global\n    maxconn 1000\n\

@@ -11,15 +11,6 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn echo_serves_the_socket_systemd_socket_activate_passes() {
     // A test that skipped itself would pass without testing anything: .ci/run installs it.

@@ -177,6 +177,16 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
     ))
 }
 
+/// A port on 127.0.0.1 that was free a moment ago, for a program that must be told a port
+/// number (HAProxy's configuration, `systemd-socket-activate -l`) rather than pick one with 0.
+/// Another process could take it in between; a test that can use port 0 should.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
 /// Whether a read or write on a socket with a timeout gave up waiting (`WouldBlock` on Unix,
 /// `TimedOut` on Windows).
 pub fn timed_out(e: &io::Error) -> bool {
