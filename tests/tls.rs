@@ -76,12 +76,7 @@ fn handler_sees_tls_transport_sni_server_name_and_negotiated_alpn() {
         .config()
         .with_alpn_protocols(&[b"h2", b"http/1.1"])
         .unwrap();
-    let (report, reports) = mpsc::channel();
-    let server = Server::builder()
-        .threads(2)
-        .listen_tls("127.0.0.1:0", tls)
-        .start_listeners(reporting_echo(report))
-        .unwrap();
+    let (server, reports) = start_reporting(tls);
 
     let config = client_config(&files.ca, None, &[b"http/1.1"]);
     let mut client = tls_connect(server.local_addr(), &config, "localhost").unwrap();
@@ -304,7 +299,11 @@ fn reload_tls_with_a_broken_file_names_it_and_keeps_the_old_pair() {
 fn start_with_client_ca(files: &TlsFiles) -> (Server, mpsc::Receiver<ConnectionInfo>) {
     let ca_file = files.dir.join("clients-ca.pem");
     std::fs::write(&ca_file, files.ca.cert_pem()).unwrap();
-    let tls = files.config().with_client_ca_file(&ca_file).unwrap();
+    start_reporting(files.config().with_client_ca_file(&ca_file).unwrap())
+}
+
+/// An echo server on one TLS listener that reports each connection's info to the receiver.
+fn start_reporting(tls: TlsConfig) -> (Server, mpsc::Receiver<ConnectionInfo>) {
     let (report, reports) = mpsc::channel();
     let server = Server::builder()
         .threads(2)
