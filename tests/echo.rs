@@ -3,8 +3,10 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -327,4 +329,62 @@ fn start_on_a_port_in_use_fails_with_addr_in_use_naming_the_address() {
     // The first server is unharmed.
     round_trip(&mut connect(first.local_addr()), b"still here");
     first.stop();
+}
+
+#[test]
+fn a_handler_that_blocks_either_worker_leaves_the_other_serving_clients() {
+    // Only worker 0 waits on the reactor itself; while a task holds it, async-io's own thread
+    // must poll the reactor for the other worker. So block each of the two in turn: a client
+    // that sends `block` holds its worker in a blocking call until the test releases it.
+    let (blocked_tx, blocked) = mpsc::channel::<String>();
+    let (release_tx, released) = mpsc::channel::<()>();
+    let blocked_tx = Arc::new(Mutex::new(blocked_tx));
+    let released = Arc::new(Mutex::new(released));
+    let server = Server::builder()
+        .threads(2)
+        .start("127.0.0.1:0", move |mut conn: taskserve::Connection| {
+            let (blocked_tx, released) = (Arc::clone(&blocked_tx), Arc::clone(&released));
+            async move {
+                let mut first = [0; 5];
+                conn.read_exact(&mut first).await?;
+                if &first == b"block" {
+                    let worker = thread::current().name().unwrap_or_default().to_string();
+                    blocked_tx.lock().unwrap().send(worker).unwrap();
+                    // Blocks this worker thread, as a handler that makes a blocking call does.
+                    let _ = released.lock().unwrap().recv();
+                    return Ok(());
+                }
+                conn.write_all(b"GOT:").await?;
+                conn.write_all(&first).await?;
+                taskserve::echo(conn).await
+            }
+        })
+        .expect("server starts on an ephemeral port");
+    // Dropped before the server if an assertion fails, so that stopping it does not wait for
+    // a handler that nobody will release.
+    let release = release_tx;
+    let mut seen = HashSet::new();
+    // Each attempt blocks a worker picked by the executor: 40 attempts all pick the same one
+    // with a chance of 2 in a trillion.
+    for _ in 0..40 {
+        let mut holder = connect(server.local_addr());
+        holder.write_all(b"block").unwrap();
+        let worker = blocked
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the blocking handler runs");
+        let mut client = connect(server.local_addr());
+        client.write_all(b"hello").unwrap();
+        let mut reply = [0; 9];
+        client
+            .read_exact(&mut reply)
+            .unwrap_or_else(|e| panic!("no reply while {worker} is blocked: {e}"));
+        assert_eq!(&reply, b"GOT:hello");
+        release.send(()).unwrap();
+        seen.insert(worker);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "only {seen:?} was ever blocked");
+    server.stop();
 }
