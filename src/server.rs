@@ -628,7 +628,7 @@ impl Builder {
             let worker_lifecycle = Arc::clone(&lifecycle);
             let worker = thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || run_worker(n, &executor, &worker_lifecycle, released));
+                .spawn(move || run_worker(&executor, &worker_lifecycle, released));
             match worker {
                 Ok(worker) => running.workers.push(worker),
                 Err(e) => {
@@ -1028,35 +1028,19 @@ impl StopHandle {
     }
 }
 
-/// One worker thread, the `n`th: runs the shared executor until the server releases it.
+/// One worker thread: runs the shared executor until the server releases it.
 ///
-/// Worker 0 runs it under `smol::block_on` (async-io's): with nothing to run, it waits on the
-/// reactor itself and then runs what the reactor woke, with no hop between threads. The other
-/// workers run it under `futures_lite::future::block_on`, which only parks the thread until the
-/// executor hands it work. When every worker may wait on the reactor, two of them hand the
-/// reactor and its tasks back and forth: each batch of I/O wakes the parked worker with a futex
-/// and the polling one back out of `epoll_wait` through the reactor's eventfd. With another
-/// process holding a core, the two then preempt each other on the core left; one reactor worker
-/// served 1.39 times as many requests there (README, "On a busy machine"), and as many on a
-/// quiet machine. While worker 0 is busy with a task, async-io's own thread polls the reactor
-/// (it looks every 50 µs to 10 ms), so no I/O waits for worker 0.
-///
-/// A panicking task does not unwind into here: async-executor keeps a task's panic in the task,
-/// and connection tasks log it first.
+/// `smol::block_on` (async-io's) lets an idle worker wait on the reactor itself, instead of every
+/// I/O event hopping through async-io's helper thread. A panicking task does not unwind into
+/// here: async-executor keeps a task's panic in the task, and connection tasks log it first.
 fn run_worker(
-    n: usize,
     executor: &Executor<'static>,
     lifecycle: &Arc<Lifecycle>,
     released: channel::Receiver<()>,
 ) {
     WORKER_OF.set(Arc::as_ptr(lifecycle) as usize);
     // `recv` fails once the server drops the sender: that is the signal to return.
-    let run = executor.run(released.recv());
-    let _ = if n == 0 {
-        smol::block_on(run)
-    } else {
-        future::block_on(run)
-    };
+    let _ = smol::block_on(executor.run(released.recv()));
 }
 
 thread_local! {

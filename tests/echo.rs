@@ -333,9 +333,9 @@ fn start_on_a_port_in_use_fails_with_addr_in_use_naming_the_address() {
 
 #[test]
 fn a_handler_that_blocks_either_worker_leaves_the_other_serving_clients() {
-    // Only worker 0 waits on the reactor itself; while a task holds it, async-io's own thread
-    // must poll the reactor for the other worker. So block each of the two in turn: a client
-    // that sends `block` holds its worker in a blocking call until the test releases it.
+    // Whichever worker a blocking handler holds, the other must still see I/O and serve
+    // clients, so block each of the two in turn: a client that sends `block` holds its worker
+    // in a blocking call until the test releases it.
     let (blocked_tx, blocked) = mpsc::channel::<String>();
     let (release_tx, released) = mpsc::channel::<()>();
     let blocked_tx = Arc::new(Mutex::new(blocked_tx));
