@@ -14,27 +14,9 @@
 # (bench/build.sh). Run it from the repository root, as the commands above are.
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-    sed -n '2,5p' "$0" | sed 's/^# \{0,3\}//' >&2
-    exit 2
-fi
-
-bench=$(cd "$(dirname "$0")/../bench" && pwd)
-loadgen=$bench/bin/loadgen
-if [ ! -x "$loadgen" ]; then
-    echo "syscalls-per-request.sh: $loadgen not found: run bench/build.sh first" >&2
-    exit 1
-fi
-work=$(mktemp -d)
-trap 'kill -TERM "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
-
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-${1//\{port\}/$port} >"$work/server.out" 2>&1 &
-server=$!
-for _ in $(seq 100); do
-    grep -q listening "$work/server.out" && break
-    sleep 0.05
-done
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
+start_server "$1"
 
 "$loadgen" pingpong --addr "127.0.0.1:$port" --connections "${CONNECTIONS:-50}" --size 64 \
     --duration 6 --warmup 0 --json >"$work/load.json" &

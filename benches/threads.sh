@@ -15,37 +15,13 @@
 # from the repository root.
 set -euo pipefail
 
-if [ $# -ne 1 ]; then
-    sed -n '2,5p' "$0" | sed 's/^# \{0,3\}//' >&2
-    exit 2
-fi
-
-bench=$(cd "$(dirname "$0")/../bench" && pwd)
-loadgen=$bench/bin/loadgen
-if [ ! -x "$loadgen" ]; then
-    echo "threads.sh: $loadgen not found: run bench/build.sh first" >&2
-    exit 1
-fi
-work=$(mktemp -d)
-busy=()
-cleanup() {
-    kill -TERM "$server" 2>/dev/null || true
-    for b in "${busy[@]}"; do kill "$b" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
 for ((b = 0; b < ${BUSY:-0}; b++)); do
     sh -c 'while :; do :; done' &
     busy+=($!)
 done
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-setsid bash -c "exec ${1//\{port\}/$port}" >"$work/server.out" 2>&1 &
-server=$!
-for _ in $(seq 100); do
-    grep -q listening "$work/server.out" && break
-    sleep 0.05
-done
+start_server "$1" setsid
 
 # One snapshot: a line per thread with its id, name, CPU ticks and both switch counts.
 snapshot() {
