@@ -210,26 +210,18 @@ impl Collector for Exported {
             "Client connections accepted, refused ones included.",
             stats.accepted,
         )?;
-        let mut refused = encoder.encode_descriptor(
+        counters_by_reason(
+            &mut encoder,
             "connections_refused",
             "Clients accepted and closed at once without being served, by reason.",
-            None,
-            MetricType::Counter,
+            RefusalReason::ALL.map(|reason| (reason.label(), stats.refused(reason))),
         )?;
-        for reason in RefusalReason::ALL {
-            let labels = [("reason", reason.label())];
-            ConstCounter::new(stats.refused(reason)).encode(refused.encode_family(&labels)?)?;
-        }
-        let mut closed = encoder.encode_descriptor(
+        counters_by_reason(
+            &mut encoder,
             "connections_closed",
             "Client connections that ended, by how they ended.",
-            None,
-            MetricType::Counter,
+            CloseReason::ALL.map(|how| (how.label(), stats.closed(how))),
         )?;
-        for how in CloseReason::ALL {
-            let labels = [("reason", how.label())];
-            ConstCounter::new(stats.closed(how)).encode(closed.encode_family(&labels)?)?;
-        }
         counter(
             &mut encoder,
             "accept_errors",
@@ -277,6 +269,20 @@ fn counter(
 ) -> Result<(), std::fmt::Error> {
     let counter = ConstCounter::new(value);
     counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+}
+
+/// One counter family with a `reason` label, a counter per `(reason, value)`.
+fn counters_by_reason(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    counts: impl IntoIterator<Item = (&'static str, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (reason, value) in counts {
+        ConstCounter::new(value).encode(family.encode_family(&[("reason", reason)])?)?;
+    }
+    Ok(())
 }
 
 fn gauge<N: prometheus_client::encoding::EncodeGaugeValue>(
