@@ -23,7 +23,7 @@ start_server "$1"
 load=$!
 sleep 1 # let every connection reach its steady round trips before counting
 events=raw_syscalls:sys_enter,cs
-for call in epoll_ctl epoll_wait epoll_pwait futex recvfrom sendto read write writev timerfd_settime; do
+for call in epoll_ctl epoll_wait epoll_pwait epoll_pwait2 futex recvfrom sendto read write writev timerfd_settime; do
     events+=,syscalls:sys_enter_$call
 done
 perf stat -x, -e "$events" -p "$server" -- sleep 4 2>"$work/perf.csv"
