@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds taskserve's `echo` against patched copies of two crates it depends on, to measure
+# what a change upstream would do (see README.md here): the patches are prototypes for smol-rs,
+# never part of taskserve. Puts three binaries in bench/bin/:
+#
+#   echo-executor  async-executor patched (a task woken on a worker thread stays with it)
+#   echo-polling   polling patched (no timerfd or eventfd calls around each epoll wait)
+#   echo-both      both patches
+#
+# Run from anywhere, after a `cargo build` of the repository has fetched the crates. The
+# repository itself is not touched: the build runs in a scratch copy, whose Cargo.lock the
+# patches rewrite.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+target="$here/target"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+# The version of a crate in taskserve's Cargo.lock.
+locked_version() {
+    awk -v name="$1" '$0 == "name = \"" name "\"" { getline; gsub(/version = |"/, ""); print; exit }' \
+        "$root/Cargo.lock"
+}
+
+# Unpacks CRATE at its locked version from cargo's download cache and applies its patch;
+# prints the directory.
+patched() {
+    local crate=$1 version archive
+    version=$(locked_version "$crate")
+    archive=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -n 1)
+    if [ -z "$archive" ]; then
+        echo "build.sh: $crate $version is not in cargo's cache; run cargo fetch in $root first" >&2
+        exit 1
+    fi
+    tar -xzf "$archive" -C "$scratch"
+    patch --quiet -p1 -d "$scratch/$crate-$version" < "$here/$crate-$version.patch"
+    echo "$scratch/$crate-$version"
+}
+
+(cd "$root" && cargo fetch --quiet)
+executor=$(patched async-executor)
+polling=$(patched polling)
+
+mkdir "$scratch/taskserve"
+tar -C "$root" --exclude=./target --exclude=./bench -cf - . | tar -C "$scratch/taskserve" -xf -
+
+build() {
+    local name=$1
+    shift
+    (cd "$scratch/taskserve" && cargo build --release --quiet --bin echo --target-dir "$target" "$@")
+    cp "$target/release/echo" "$here/../bin/echo-$name"
+}
+mkdir -p "$here/../bin"
+build executor --config "patch.crates-io.async-executor.path=\"$executor\""
+build polling --config "patch.crates-io.polling.path=\"$polling\""
+build both --config "patch.crates-io.async-executor.path=\"$executor\"" \
+    --config "patch.crates-io.polling.path=\"$polling\""
+echo "built in bench/bin: echo-executor echo-polling echo-both"
