@@ -7,9 +7,8 @@
 #   echo-polling   polling patched (no timerfd or eventfd calls around each epoll wait)
 #   echo-both      both patches
 #
-# Run from anywhere, after a `cargo build` of the repository has fetched the crates. The
-# repository itself is not touched: the build runs in a scratch copy, whose Cargo.lock the
-# patches rewrite.
+# Run from anywhere; it fetches the crates itself. The repository is not touched: the build
+# runs in a scratch copy, whose Cargo.lock the patches rewrite.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -23,24 +22,34 @@ locked_version() {
         "$root/Cargo.lock"
 }
 
-# Unpacks CRATE at its locked version from cargo's download cache and applies its patch;
-# prints the directory.
-patched() {
-    local crate=$1 version archive
+# Unpacks CRATE at its locked version from cargo's download cache into the scratch directory
+# and applies its patch. (Not called in a command substitution: there `set -e` would not stop
+# the script on a failed step, and an unpatched build would pass for a patched one.)
+unpack_patched() {
+    local crate=$1 version archive patch_file
     version=$(locked_version "$crate")
-    archive=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$version.crate" 2>/dev/null | head -n 1)
+    patch_file="$here/$crate-$version.patch"
+    if [ ! -f "$patch_file" ]; then
+        echo "build.sh: no patch for $crate $version (the version in Cargo.lock): $patch_file" >&2
+        exit 1
+    fi
+    archive=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/cache" -name "$crate-$version.crate" | head -n 1)
     if [ -z "$archive" ]; then
-        echo "build.sh: $crate $version is not in cargo's cache; run cargo fetch in $root first" >&2
+        echo "build.sh: $crate $version is not in cargo's download cache" >&2
         exit 1
     fi
     tar -xzf "$archive" -C "$scratch"
-    patch --quiet -p1 -d "$scratch/$crate-$version" < "$here/$crate-$version.patch"
-    echo "$scratch/$crate-$version"
+    if ! patch --quiet -p1 -d "$scratch/$crate-$version" <"$patch_file" >&2; then
+        echo "build.sh: $patch_file does not apply to $crate $version" >&2
+        exit 1
+    fi
 }
 
 (cd "$root" && cargo fetch --quiet)
-executor=$(patched async-executor)
-polling=$(patched polling)
+unpack_patched async-executor
+unpack_patched polling
+executor="$scratch/async-executor-$(locked_version async-executor)"
+polling="$scratch/polling-$(locked_version polling)"
 
 mkdir "$scratch/taskserve"
 tar -C "$root" --exclude=./target --exclude=./bench -cf - . | tar -C "$scratch/taskserve" -xf -
