@@ -22,12 +22,11 @@ locked_version() {
         "$root/Cargo.lock"
 }
 
-# Unpacks CRATE at its locked version from cargo's download cache into the scratch directory
-# and applies its patch. (Not called in a command substitution: there `set -e` would not stop
-# the script on a failed step, and an unpatched build would pass for a patched one.)
+# Unpacks CRATE VERSION from cargo's download cache into the scratch directory and applies its
+# patch. (Not called in a command substitution: there `set -e` would not stop the script on a
+# failed step, and an unpatched build would pass for a patched one.)
 unpack_patched() {
-    local crate=$1 version archive patch_file
-    version=$(locked_version "$crate")
+    local crate=$1 version=$2 archive patch_file
     patch_file="$here/$crate-$version.patch"
     if [ ! -f "$patch_file" ]; then
         echo "build.sh: no patch for $crate $version (the version in Cargo.lock): $patch_file" >&2
@@ -46,10 +45,12 @@ unpack_patched() {
 }
 
 (cd "$root" && cargo fetch --quiet)
-unpack_patched async-executor
-unpack_patched polling
-executor="$scratch/async-executor-$(locked_version async-executor)"
-polling="$scratch/polling-$(locked_version polling)"
+executor_version=$(locked_version async-executor)
+polling_version=$(locked_version polling)
+unpack_patched async-executor "$executor_version"
+unpack_patched polling "$polling_version"
+executor=$scratch/async-executor-$executor_version
+polling=$scratch/polling-$polling_version
 
 mkdir "$scratch/taskserve"
 tar -C "$root" --exclude=./target --exclude=./bench -cf - . | tar -C "$scratch/taskserve" -xf -
