@@ -21,7 +21,8 @@ fn main() {
 fn start_server() -> Server {
     Server::builder()
         .threads(2)
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .expect("start the echo server")
 }
 
@@ -48,7 +49,7 @@ fn read_reply(stream: &mut impl Read, len: usize, buf: &mut [u8]) {
 #[divan::bench(args = [64, 4096, 65536])]
 fn one_connection(bencher: Bencher, size: usize) {
     let server = start_server();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let message = vec![b'x'; size];
     let mut buf = vec![0; 128 * 1024];
     bencher.counter(BytesCount::new(size)).bench_local(|| {
@@ -63,7 +64,7 @@ fn one_connection(bencher: Bencher, size: usize) {
 fn many_connections(bencher: Bencher, connections: usize) {
     let server = start_server();
     let mut clients: Vec<_> = (0..connections)
-        .map(|_| connect(server.local_addr()))
+        .map(|_| connect(server.local_addr().unwrap()))
         .collect();
     let message = [b'x'; 64];
     let mut buf = vec![0; 4096];
@@ -108,7 +109,7 @@ fn start_tls_server() -> (Server, Arc<ClientConfig>) {
             "127.0.0.1:0",
             TlsConfig::from_server_config(Arc::new(server_config)),
         )
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect("start the TLS echo server");
     (server, Arc::new(client_config))
 }
@@ -127,7 +128,7 @@ fn tls_connect(addr: SocketAddr, config: &Arc<ClientConfig>) -> TlsClient {
 #[divan::bench(args = [64, 4096, 65536])]
 fn tls_one_connection(bencher: Bencher, size: usize) {
     let (server, config) = start_tls_server();
-    let mut client = tls_connect(server.local_addr(), &config);
+    let mut client = tls_connect(server.local_addr().unwrap(), &config);
     let message = vec![b'x'; size];
     let mut buf = vec![0; 128 * 1024];
     bencher.counter(BytesCount::new(size)).bench_local(|| {
@@ -145,7 +146,7 @@ fn tls_handshake(bencher: Bencher) {
     let message = [b'x'; 64];
     let mut buf = vec![0; 4096];
     bencher.counter(ItemsCount::new(1usize)).bench_local(|| {
-        let mut client = tls_connect(server.local_addr(), &config);
+        let mut client = tls_connect(server.local_addr().unwrap(), &config);
         client.write_all(&message).expect("send");
         client.flush().expect("send");
         read_reply(&mut client, message.len(), &mut buf);

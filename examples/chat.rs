@@ -125,7 +125,10 @@ fn main() -> ExitCode {
     let handler = move |conn| chat(Arc::clone(&room), conn);
     // Four worker threads: tasks of one room really do run in parallel, hence the mutex.
     let server = taskserve::Server::builder().threads(4);
-    if let Err(e) = server.serve(addr.as_deref().unwrap_or("127.0.0.1:25002"), handler) {
+    if let Err(e) = server
+        .listen_tcp(addr.as_deref().unwrap_or("127.0.0.1:25002"))
+        .serve(handler)
+    {
         eprintln!("chat: {e}");
         return ExitCode::FAILURE;
     }

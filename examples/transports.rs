@@ -39,7 +39,8 @@ fn run(cert: &str, key: &str) -> io::Result<()> {
         .listen_tls("127.0.0.1:25443", tls)
         .listen_unix("/tmp/taskserve-transports.sock")
         .stop_on_signals(true) // Ctrl-C stops it, SIGHUP reloads the certificate
-        .start("127.0.0.1:25004", hello_then_echo)?;
+        .listen_tcp("127.0.0.1:25004")
+        .start(hello_then_echo)?;
     for (addr, transport) in server.local_addrs() {
         println!("listening on {addr} ({transport})");
     }

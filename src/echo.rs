@@ -8,8 +8,8 @@ use std::sync::Arc;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::{future, Async};
 
-use crate::connection::Connection;
-use crate::stats::Meter;
+use crate::conn::connection::Connection;
+use crate::observe::meter::Meter;
 
 /// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
 ///

@@ -16,10 +16,13 @@
 //! ```
 //! use std::io::{Read, Write};
 //!
-//! let server = taskserve::Server::builder().threads(2).start("127.0.0.1:0", taskserve::echo)?;
-//! println!("listening on {}", server.local_addr());
+//! let server = taskserve::Server::builder()
+//!     .threads(2)
+//!     .listen_tcp("127.0.0.1:0")
+//!     .start(taskserve::echo)?;
+//! println!("listening on {}", server.local_addr()?);
 //!
-//! let mut client = std::net::TcpStream::connect(server.local_addr())?;
+//! let mut client = std::net::TcpStream::connect(server.local_addr()?)?;
 //! client.write_all(b"Hello")?;
 //! let mut reply = [0; 9];
 //! client.read_exact(&mut reply)?;
@@ -53,15 +56,16 @@
 //! use taskserve::io::AsyncWriteExt;
 //!
 //! let visits = Arc::new(AtomicUsize::new(0));
-//! let server = taskserve::Server::builder().start("127.0.0.1:0", move |mut conn: taskserve::Connection| {
+//! let handler = move |mut conn: taskserve::Connection| {
 //!     let visits = Arc::clone(&visits);
 //!     async move {
 //!         let n = visits.fetch_add(1, Ordering::Relaxed) + 1;
 //!         conn.write_all(format!("you are visitor {n}\n").as_bytes()).await
 //!     }
-//! })?;
+//! };
+//! let server = taskserve::Server::builder().listen_tcp("127.0.0.1:0").start(handler)?;
 //! # let mut reply = String::new();
-//! # std::io::Read::read_to_string(&mut std::net::TcpStream::connect(server.local_addr())?, &mut reply)?;
+//! # std::io::Read::read_to_string(&mut std::net::TcpStream::connect(server.local_addr()?)?, &mut reply)?;
 //! # assert_eq!(reply, "you are visitor 1\n");
 //! server.stop();
 //! # std::io::Result::Ok(())
@@ -70,8 +74,9 @@
 //! # What is here
 //!
 //! - [`serve`] and [`Server::builder`]: the whole server in one call, or a [`Builder`] with the
-//!   options (threads, connection limit, idle and shutdown timeouts, extra listeners) that
-//!   starts a [`Server`] in the background.
+//!   listeners (`listen_tcp`, `listen_tls`, `listen_unix`, `listen_systemd`, `listen_metrics`)
+//!   and the options (threads, connection limits, idle and shutdown timeouts...) that starts a
+//!   [`Server`] in the background.
 //! - [`Connection`] and [`ConnectionInfo`]: what a handler is given.
 //! - [`StopHandle`]: stops a server from anywhere, and tells handlers when a stop begins.
 //! - [`Stats`] (from [`Server::stats`]) and [`ConnectionReport`] (for
@@ -81,35 +86,52 @@
 //! - [`io`]: the I/O traits a handler needs, so that it needs no other dependency.
 //!
 //! Logging goes through the [`log`](https://docs.rs/log) facade; install any logger to see it.
+//!
+//! # Layout
+//!
+//! Each module imports only from the modules listed after it: a name two modules share lives
+//! in the lower one.
+//!
+//! - `server/`: the [`Builder`] and its options, `start` (binding, the worker threads that share
+//!   one executor, an accept loop per listener), the running [`Server`], signals.
+//! - `echo`: the seed's `GOT:` protocol, a handler like any other.
+//! - `conn/`: a connection's life: the [`Connection`] its handler is given, its stages in order
+//!   (PROXY header, per-client admission, TLS handshake, the handler, TLS close) and the task
+//!   that runs them.
+//! - `observe/`: the server's counters, read as [`Stats`]; one meter per connection that adds
+//!   to them and tells the hooks; the Prometheus endpoint (feature `metrics`).
+//! - `limits/`: the per-client connection limit and the idle timeout.
+//! - `transport/`: the parts a listener is made of: endpoints and their binding, TCP, Unix
+//!   sockets, sockets passed by systemd, the PROXY header and TLS (feature `tls`).
+//! - The ground floor, which imports nothing above it: `addr` ([`Addr`], [`Cidr`]), `info`
+//!   ([`ConnectionInfo`] and what it holds), `stop` ([`StopHandle`], the stop's lifecycle and
+//!   the count of open connections), `deadline` (a step raced against a timer) and `logging`
+//!   (how the log names a client, rate-limited warnings).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
-mod accept;
-mod connection;
+mod addr;
+mod conn;
 mod deadline;
 mod echo;
-mod idle;
-mod listener;
-#[cfg(feature = "metrics")]
-mod metrics;
-mod per_client;
-mod proxy;
+mod info;
+mod limits;
+mod logging;
+mod observe;
 mod server;
-mod shutdown;
-mod stats;
-#[cfg(unix)]
-mod systemd;
-mod task;
-#[cfg(feature = "tls")]
-mod tls;
+mod stop;
+mod transport;
 
-pub use connection::{Addr, Connection, ConnectionInfo, PeerCredentials, TlsInfo, Transport};
+pub use addr::{Addr, Cidr};
+pub use conn::connection::Connection;
 pub use echo::{echo, READ_SIZE};
-pub use proxy::{Cidr, ProxyInfo, ProxyProtocol};
-pub use server::{serve, Builder, Server, StopHandle};
-pub use stats::{CloseReason, ConnectionReport, RefusalReason, Stats};
+pub use info::{ConnectionInfo, PeerCredentials, ProxyInfo, TlsInfo, Transport};
+pub use observe::stats::{CloseReason, ConnectionReport, RefusalReason, Stats};
+pub use server::{serve, Builder, Server};
+pub use stop::StopHandle;
+pub use transport::proxy::ProxyProtocol;
 #[cfg(feature = "tls")]
-pub use tls::TlsConfig;
+pub use transport::tls::TlsConfig;
 
 /// The async I/O traits and helpers a handler reads and writes its [`Connection`] with
 /// (`AsyncReadExt::read`, `AsyncWriteExt::write_all`, `BufReader`, `split`...): futures-lite's,

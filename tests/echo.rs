@@ -46,7 +46,7 @@ fn exchange(client: &mut TcpStream, message: &[u8], reply: &[u8]) {
 #[test]
 fn echo_prefixes_a_message_with_got() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     exchange(&mut client, b"Hello\n", b"GOT:Hello\n");
     assert_eq!(finish(&mut client), b"", "bytes after the reply");
     server.stop();
@@ -55,7 +55,7 @@ fn echo_prefixes_a_message_with_got() {
 #[test]
 fn echo_answers_each_message_on_one_connection_in_order() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     for message in ["one\n", "two\n", "three\n", "Hello, again\n"] {
         exchange(
             &mut client,
@@ -73,7 +73,9 @@ fn echo_serves_a_hundred_concurrent_clients_byte_for_byte() {
     const MESSAGES: usize = 3;
     let server = start_echo();
     // All connected before any sends, so the hundred conversations really overlap.
-    let clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(server.local_addr())).collect();
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| connect(server.local_addr().unwrap()))
+        .collect();
     assert!(
         eventually(|| server.connections() == CLIENTS),
         "the server has {} connections open, not {CLIENTS}",
@@ -95,7 +97,7 @@ fn echo_serves_a_hundred_concurrent_clients_byte_for_byte() {
 #[test]
 fn echo_returns_a_message_larger_than_read_size_whole_in_chunks_of_at_most_read_size() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let message = payload(1024 * 1024);
     // Write from another thread while this one reads: the server stops reading from a client
     // that does not read its replies, so writing it all first could wait forever.
@@ -140,7 +142,7 @@ fn echo_stops_reading_from_a_client_that_reads_no_replies_and_loses_nothing() {
     // Far more than the sockets' buffers hold (the kernel grows them to a few MiB at most).
     const LIMIT: usize = 64 * 1024 * 1024;
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let block = payload(64 * 1024);
     // A write that waits this long finds every buffer on the way full: the server has stopped
     // reading, as it must while its replies cannot be sent.
@@ -170,7 +172,7 @@ fn echo_stops_reading_from_a_client_that_reads_no_replies_and_loses_nothing() {
 #[test]
 fn echo_returns_every_byte_value_unchanged() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     // Every value, including NUL, CR, LF and bytes above 127, and a `GOT:` of the client's own.
     let mut message: Vec<u8> = (0..=255).chain((0..=255).rev()).collect();
     message.extend_from_slice(b"\r\nGOT:\0GOT:");
@@ -186,7 +188,7 @@ fn echo_returns_every_byte_value_unchanged() {
 #[test]
 fn echo_replies_to_data_sent_with_the_close_and_then_closes() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     // The data and the end of the client's side arrive together: the reply must still come.
     client.write_all(b"bye").expect("send");
     assert_eq!(
@@ -214,9 +216,10 @@ async fn shout(mut stream: taskserve::Connection) -> io::Result<()> {
 fn start_serves_a_custom_handler() {
     let server = Server::builder()
         .threads(2)
-        .start("127.0.0.1:0", shout)
+        .listen_tcp("127.0.0.1:0")
+        .start(shout)
         .expect("server starts on an ephemeral port");
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     exchange(&mut client, b"hello, world\n", b"HELLO, WORLD\n");
     exchange(&mut client, b"quiet, please\n", b"QUIET, PLEASE\n");
     assert_eq!(finish(&mut client), b"", "bytes after the last reply");
@@ -227,15 +230,13 @@ fn start_serves_a_custom_handler() {
 fn handler_receives_the_clients_address() {
     let server = Server::builder()
         .threads(1)
-        .start(
-            "127.0.0.1:0",
-            |mut conn: taskserve::Connection| async move {
-                let peer = conn.peer_addr().clone();
-                conn.write_all(format!("hello, {peer}\n").as_bytes()).await
-            },
-        )
+        .listen_tcp("127.0.0.1:0")
+        .start(|mut conn: taskserve::Connection| async move {
+            let peer = conn.peer_addr().clone();
+            conn.write_all(format!("hello, {peer}\n").as_bytes()).await
+        })
         .expect("server starts on an ephemeral port");
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let mut greeting = String::new();
     client
         .read_to_string(&mut greeting)
@@ -252,7 +253,8 @@ fn start_runs_the_requested_number_of_named_worker_threads_until_stop() {
     const THREADS: usize = 5;
     let server = Server::builder()
         .threads(THREADS)
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .expect("server starts on an ephemeral port");
     assert_eq!(server.threads(), THREADS);
     let last = format!("taskserve-w{}", THREADS - 1);
@@ -265,7 +267,7 @@ fn start_runs_the_requested_number_of_named_worker_threads_until_stop() {
         "worker threads: {:?}",
         worker_thread_names("self")
     );
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     round_trip(&mut client, b"still served");
     drop(client);
     server.stop();
@@ -277,32 +279,32 @@ fn start_runs_the_requested_number_of_named_worker_threads_until_stop() {
 }
 
 #[test]
-fn start_rejects_zero_threads_connections_or_idle_timeout() {
+fn start_rejects_zero_threads_connections_or_connections_per_client() {
     let zero = [
         ("zero threads", Server::builder().threads(0)),
         ("zero connections", Server::builder().max_connections(0)),
-        // `None` is "never"; a zero timeout would close every connection at once.
         (
-            "zero idle timeout",
-            Server::builder().idle_timeout(Some(Duration::ZERO)),
+            "zero connections per client",
+            Server::builder().max_connections_per_ip(0),
         ),
     ];
     for (what, builder) in zero {
         let error = builder
-            .start("127.0.0.1:0", taskserve::echo)
+            .listen_tcp("127.0.0.1:0")
+            .start(taskserve::echo)
             .expect_err(what);
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput, "{what}");
     }
 }
 
 #[test]
-fn start_listeners_without_a_listener_is_invalid_input() {
+fn start_without_a_listener_is_invalid_input() {
     let e = Server::builder()
         .threads(2)
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect_err("nothing to listen on");
     assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
-    assert_eq!(e.to_string(), "no listener to start");
+    assert!(e.to_string().starts_with("no listener to start"), "{e}");
 }
 
 #[test]
@@ -310,10 +312,11 @@ fn start_on_a_port_in_use_fails_with_addr_in_use_naming_the_address() {
     // Occupied by another taskserve server: both sockets allow address reuse, which must still
     // not let two servers share a port.
     let first = start_echo();
-    let addr = first.local_addr();
+    let addr = first.local_addr().unwrap();
     let err = Server::builder()
         .threads(1)
-        .start(addr, taskserve::echo)
+        .listen_tcp(addr)
+        .start(taskserve::echo)
         .expect_err("a second server on the same port");
     assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -322,12 +325,13 @@ fn start_on_a_port_in_use_fails_with_addr_in_use_naming_the_address() {
     let addr = taken.local_addr().unwrap();
     let err = Server::builder()
         .threads(1)
-        .start(addr, taskserve::echo)
+        .listen_tcp(addr)
+        .start(taskserve::echo)
         .expect_err("a server on a port in use");
     assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
     // The first server is unharmed.
-    round_trip(&mut connect(first.local_addr()), b"still here");
+    round_trip(&mut connect(first.local_addr().unwrap()), b"still here");
     first.stop();
 }
 
@@ -342,7 +346,8 @@ fn a_handler_that_blocks_either_worker_leaves_the_other_serving_clients() {
     let released = Arc::new(Mutex::new(released));
     let server = Server::builder()
         .threads(2)
-        .start("127.0.0.1:0", move |mut conn: taskserve::Connection| {
+        .listen_tcp("127.0.0.1:0")
+        .start(move |mut conn: taskserve::Connection| {
             let (blocked_tx, released) = (Arc::clone(&blocked_tx), Arc::clone(&released));
             async move {
                 let mut first = [0; 5];
@@ -367,12 +372,12 @@ fn a_handler_that_blocks_either_worker_leaves_the_other_serving_clients() {
     // Each attempt blocks a worker picked by the executor: 40 attempts all pick the same one
     // with a chance of 2 in a trillion.
     for _ in 0..40 {
-        let mut holder = connect(server.local_addr());
+        let mut holder = connect(server.local_addr().unwrap());
         holder.write_all(b"block").unwrap();
         let worker = blocked
             .recv_timeout(Duration::from_secs(10))
             .expect("the blocking handler runs");
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         client.write_all(b"hello").unwrap();
         let mut reply = [0; 9];
         client

@@ -19,9 +19,10 @@ use taskserve::Server;
 fn custom_handler_keeps_a_character_cut_by_the_line_limit_whole() {
     let server = Server::builder()
         .threads(1)
-        .start("127.0.0.1:0", custom_handler::shout)
+        .listen_tcp("127.0.0.1:0")
+        .start(custom_handler::shout)
         .unwrap();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     // 'é' is two bytes, and the 64 KiB limit falls between them.
     let mut line = vec![b'a'; 64 * 1024 - 1];
     line.extend_from_slice("é and more\n".as_bytes());
@@ -40,15 +41,16 @@ fn chat_relays_lines_and_says_goodbye_to_everyone_when_the_server_stops() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(60))
-        .start("127.0.0.1:0", {
+        .listen_tcp("127.0.0.1:0")
+        .start({
             let room = Arc::clone(&room);
             move |conn| chat::chat(Arc::clone(&room), conn)
         })
         .unwrap();
     // One at a time: each client's task joins the room on whichever worker runs it first.
-    let mut alice = connect(server.local_addr());
+    let mut alice = connect(server.local_addr().unwrap());
     assert!(eventually(|| room.headcount() == 1), "alice did not join");
-    let mut bob = BufReader::new(connect(server.local_addr()));
+    let mut bob = BufReader::new(connect(server.local_addr().unwrap()));
     let bob_addr = bob.get_ref().local_addr().unwrap();
     let alice_addr = alice.local_addr().unwrap();
     // Alice hears Bob join; then her line reaches Bob.

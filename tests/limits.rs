@@ -193,7 +193,7 @@ fn a_client_that_does_not_read_is_not_buffered_and_loses_no_data() {
 fn half_closed_client_gets_every_reply_then_eof() {
     let server = start_echo();
     let data = payload(MIB);
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let mut reader = client.try_clone().unwrap();
     // Read while writing: the server stops reading from a client that does not read replies.
     let replies = thread::spawn(move || {
@@ -212,14 +212,14 @@ fn start_with_idle_timeout_of_1_s() -> Server {
     start_echo_with(
         Server::builder()
             .threads(2)
-            .idle_timeout(Some(Duration::from_secs(1))),
+            .idle_timeout(Duration::from_secs(1)),
     )
 }
 
 #[test]
 fn idle_client_is_closed_after_the_idle_timeout() {
     let server = start_with_idle_timeout_of_1_s();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     // Measured from before the last message: the server's last activity comes after it.
     let start = Instant::now();
     round_trip(&mut client, b"hello");
@@ -240,7 +240,7 @@ fn idle_client_is_closed_after_the_idle_timeout() {
 #[test]
 fn client_sending_more_often_than_the_idle_timeout_stays_connected() {
     let server = start_with_idle_timeout_of_1_s();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let start = Instant::now();
     // 15 messages 200 ms apart: 3 s, three times the timeout, never quiet for a second.
     for n in 0..15 {
@@ -255,7 +255,7 @@ fn client_sending_more_often_than_the_idle_timeout_stays_connected() {
 #[test]
 fn client_that_stops_reading_is_closed_after_the_idle_timeout() {
     let server = start_with_idle_timeout_of_1_s();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let data = payload(MIB);
     let start = Instant::now();
     let mut last_progress = start;
@@ -313,7 +313,7 @@ fn binary_closes_idle_connections_and_logs_the_peer() {
 #[test]
 fn connection_beyond_max_is_refused_until_one_closes() {
     let server = start_echo_with(Server::builder().threads(2).max_connections(3));
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let mut clients: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
     for client in &mut clients {
         round_trip(client, b"served");
@@ -489,9 +489,12 @@ fn misbehave(addr: SocketAddr, clients: usize) {
 fn misbehaving_clients_leave_no_connection_open() {
     let server = start_echo();
     let start = Instant::now();
-    misbehave(server.local_addr(), 1000);
+    misbehave(server.local_addr().unwrap(), 1000);
     println!("1,000 misbehaving clients in {:?}", start.elapsed());
-    round_trip(&mut connect(server.local_addr()), &payload(10 * KIB));
+    round_trip(
+        &mut connect(server.local_addr().unwrap()),
+        &payload(10 * KIB),
+    );
     assert!(
         eventually(|| server.connections() == 0),
         "{} connections still open",
@@ -593,9 +596,10 @@ fn panicking_handler_closes_only_its_connection() {
     let errors = ErrorLog::install();
     let server = Server::builder()
         .threads(2)
-        .start("127.0.0.1:0", echo_or_panic)
+        .listen_tcp("127.0.0.1:0")
+        .start(echo_or_panic)
         .unwrap();
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let mut long_lived = connect(addr);
     round_trip(&mut long_lived, b"hello");
     let start = Instant::now();

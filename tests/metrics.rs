@@ -122,9 +122,10 @@ const LOAD_CLIENTS: usize = 200;
 fn scrapes_during_a_load_of_200_clients_match_what_they_did() {
     let server = Server::builder()
         .threads(2)
-        .idle_timeout(Some(Duration::from_secs(1)))
-        .metrics("127.0.0.1:0")
-        .start("127.0.0.1:0", by_first_byte)
+        .idle_timeout(Duration::from_secs(1))
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(by_first_byte)
         .unwrap();
     let metrics = server.metrics_addr().unwrap();
     let first = scrape(metrics);
@@ -134,7 +135,7 @@ fn scrapes_during_a_load_of_200_clients_match_what_they_did() {
     let mut faults: Vec<TcpStream> = b"pppiii"
         .iter()
         .map(|&byte| {
-            let mut client = connect(server.local_addr());
+            let mut client = connect(server.local_addr().unwrap());
             client.write_all(&[byte]).unwrap();
             client
         })
@@ -151,7 +152,7 @@ fn scrapes_during_a_load_of_200_clients_match_what_they_did() {
             let (stop, warmed_up, addr) = (
                 Arc::clone(&stop),
                 Arc::clone(&warmed_up),
-                server.local_addr(),
+                server.local_addr().unwrap(),
             );
             thread::spawn(move || {
                 let mut client = connect(addr);
@@ -262,16 +263,19 @@ fn refusals_at_a_limit_of_3_are_counted_and_the_metrics_port_is_not_limited() {
     let server = Server::builder()
         .threads(2)
         .max_connections(3)
-        .metrics("127.0.0.1:0")
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .unwrap();
     let metrics = server.metrics_addr().unwrap();
-    let mut holders: Vec<_> = (0..3).map(|_| connect(server.local_addr())).collect();
+    let mut holders: Vec<_> = (0..3)
+        .map(|_| connect(server.local_addr().unwrap()))
+        .collect();
     for holder in &mut holders {
         round_trip(holder, b"hold");
     }
     for _ in 0..2 {
-        let mut refused = connect(server.local_addr());
+        let mut refused = connect(server.local_addr().unwrap());
         wait_for_close(&mut refused, PATIENCE).expect("refused at the limit");
     }
     // A scrape connection held open while the limit is reached: not a client, not counted.
@@ -300,8 +304,9 @@ fn refusals_at_a_limit_of_3_are_counted_and_the_metrics_port_is_not_limited() {
 fn other_paths_get_404_other_methods_405_and_garbage_400() {
     let server = Server::builder()
         .threads(1)
-        .metrics("127.0.0.1:0")
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .unwrap();
     let metrics = server.metrics_addr().unwrap();
     let status = |request: &str| http(metrics, request).0;

@@ -27,8 +27,8 @@ fn is_refused(client: &mut TcpStream) -> bool {
 
 #[test]
 fn ipv4_client_past_its_limit_is_refused_while_another_is_served() {
-    let server = start_echo_with(Server::builder().threads(2).max_connections_per_ip(Some(2)));
-    let local = server.local_addr();
+    let server = start_echo_with(Server::builder().threads(2).max_connections_per_ip(2));
+    let local = server.local_addr().unwrap();
     let mut first = connect_from(ip("127.0.0.2"), local).unwrap();
     let mut second = connect_from(ip("127.0.0.2"), local).unwrap();
     round_trip(&mut first, b"one");
@@ -49,13 +49,14 @@ fn ipv4_client_past_its_limit_is_refused_while_another_is_served() {
 fn ipv4_mapped_clients_of_a_dual_stack_listener_count_as_ipv4() {
     let server = Server::builder()
         .threads(2)
-        .max_connections_per_ip(Some(1))
-        .start("[::]:0", taskserve::echo);
+        .max_connections_per_ip(1)
+        .listen_tcp("[::]:0")
+        .start(taskserve::echo);
     let Ok(server) = server else {
         eprintln!("no IPv6 here: skipped");
         return;
     };
-    let to_v4 = SocketAddr::new(ip("127.0.0.1"), server.local_addr().port());
+    let to_v4 = SocketAddr::new(ip("127.0.0.1"), server.local_addr().unwrap().port());
     let mut first = connect_from(ip("127.0.0.2"), to_v4).unwrap();
     round_trip(&mut first, b"mapped");
     let mut second = connect_from(ip("127.0.0.2"), to_v4).unwrap();
@@ -68,25 +69,26 @@ fn ipv4_mapped_clients_of_a_dual_stack_listener_count_as_ipv4() {
 fn ipv6_loopback_client_past_its_limit_is_refused() {
     let server = Server::builder()
         .threads(2)
-        .max_connections_per_ip(Some(1))
-        .start("[::1]:0", taskserve::echo);
+        .max_connections_per_ip(1)
+        .listen_tcp("[::1]:0")
+        .start(taskserve::echo);
     let Ok(server) = server else {
         eprintln!("no IPv6 loopback here: skipped");
         return;
     };
-    let mut first = connect_from(ip("::1"), server.local_addr()).unwrap();
+    let mut first = connect_from(ip("::1"), server.local_addr().unwrap()).unwrap();
     round_trip(&mut first, b"v6");
-    let mut second = connect_from(ip("::1"), server.local_addr()).unwrap();
+    let mut second = connect_from(ip("::1"), server.local_addr().unwrap()).unwrap();
     assert!(is_refused(&mut second));
     drop(first);
     assert!(eventually(|| server.connections() == 0));
-    let mut third = connect_from(ip("::1"), server.local_addr()).unwrap();
+    let mut third = connect_from(ip("::1"), server.local_addr().unwrap()).unwrap();
     round_trip(&mut third, b"v6 again");
 }
 
 /// Connects through a pretend proxy on loopback, as `source`, with a v2 header.
 fn connect_as(server: &Server, source: &str) -> TcpStream {
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let destination = if source.starts_with('[') {
         addr("[2001:db8::ffff]:25000")
     } else {
@@ -103,8 +105,8 @@ fn clients_named_by_proxy_headers_are_counted_by_ipv4_address_and_ipv6_slash_64(
     let server = start_echo_with(
         Server::builder()
             .threads(2)
-            .proxy_protocol(Some(ProxyProtocol::new()))
-            .max_connections_per_ip(Some(1)),
+            .proxy_protocol(ProxyProtocol::new())
+            .max_connections_per_ip(1),
     );
     // All come from 127.0.0.1, the proxy: each is counted by the client its header names.
     let mut v4 = connect_as(&server, "192.0.2.1:1000");
@@ -129,8 +131,8 @@ fn ipv6_client_prefix_128_counts_each_address() {
     let server = start_echo_with(
         Server::builder()
             .threads(2)
-            .proxy_protocol(Some(ProxyProtocol::new()))
-            .max_connections_per_ip(Some(1))
+            .proxy_protocol(ProxyProtocol::new())
+            .max_connections_per_ip(1)
             .ipv6_client_prefix(128),
     );
     let mut a = connect_as(&server, "[2001:db8::1]:1000");

@@ -16,8 +16,9 @@ fn start_proxied(proxy: ProxyProtocol) -> (Server, mpsc::Receiver<ConnectionInfo
     let (report, reports) = mpsc::channel();
     let server = Server::builder()
         .threads(2)
-        .proxy_protocol(Some(proxy))
-        .start("127.0.0.1:0", reporting_echo(report))
+        .proxy_protocol(proxy)
+        .listen_tcp("127.0.0.1:0")
+        .start(reporting_echo(report))
         .expect("start");
     (server, reports)
 }
@@ -39,9 +40,9 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn v1_header_names_the_client_and_no_payload_byte_is_lost() {
     let (server, reports) = start_proxied(ProxyProtocol::new());
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     // The header and the first payload in one write: the server must read the header alone.
-    let mut first = proxy_v1(addr("192.0.2.7:40000"), server.local_addr());
+    let mut first = proxy_v1(addr("192.0.2.7:40000"), server.local_addr().unwrap());
     first.extend(b"hello");
     client.write_all(&first).unwrap();
     let mut reply = [0; 9];
@@ -53,13 +54,13 @@ fn v1_header_names_the_client_and_no_payload_byte_is_lost() {
     let proxy = info.proxy.expect("ProxyInfo on a PROXY listener");
     assert_eq!(proxy.version, 1);
     assert_eq!(proxy.proxy_addr, client.local_addr().unwrap());
-    assert_eq!(proxy.destination, Some(server.local_addr()));
+    assert_eq!(proxy.destination, Some(server.local_addr().unwrap()));
 }
 
 #[test]
 fn v2_header_names_an_ipv6_client_and_gives_its_tlvs() {
     let (server, reports) = start_proxied(ProxyProtocol::new());
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let header = proxy_v2(
         Some((addr("[2001:db8::7]:40000"), addr("[2001:db8::1]:443"))),
         &[(0x01, b"h2"), (0x02, b"example.com"), (0x04, b"")],
@@ -78,8 +79,11 @@ fn v2_header_names_an_ipv6_client_and_gives_its_tlvs() {
 #[test]
 fn v2_header_sent_a_byte_at_a_time_is_read_exactly() {
     let (server, reports) = start_proxied(ProxyProtocol::new());
-    let mut client = connect(server.local_addr());
-    let mut bytes = proxy_v2(Some((addr("192.0.2.9:1234"), server.local_addr())), &[]);
+    let mut client = connect(server.local_addr().unwrap());
+    let mut bytes = proxy_v2(
+        Some((addr("192.0.2.9:1234"), server.local_addr().unwrap())),
+        &[],
+    );
     bytes.extend(b"x");
     for b in &bytes {
         client.write_all(&[*b]).unwrap();
@@ -98,7 +102,7 @@ fn v2_header_sent_a_byte_at_a_time_is_read_exactly() {
 fn v2_local_and_v1_unknown_keep_the_socket_address() {
     let (server, reports) = start_proxied(ProxyProtocol::new());
     for header in [proxy_v2(None, &[]), b"PROXY UNKNOWN\r\n".to_vec()] {
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         client.write_all(&header).unwrap();
         round_trip(&mut client, b"health");
         let info = reported(&reports);
@@ -110,14 +114,14 @@ fn v2_local_and_v1_unknown_keep_the_socket_address() {
 fn a_connection_from_an_untrusted_source_is_closed_at_once() {
     let proxy = ProxyProtocol::new().trusted_sources(["127.0.0.2".parse().unwrap()]);
     let (server, reports) = start_proxied(proxy);
-    let mut untrusted = connect_from(ip("127.0.0.3"), server.local_addr()).unwrap();
-    let _ = untrusted.write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()));
+    let mut untrusted = connect_from(ip("127.0.0.3"), server.local_addr().unwrap()).unwrap();
+    let _ = untrusted.write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr().unwrap()));
     let took = wait_for_close(&mut untrusted, Duration::from_secs(2)).expect("closed");
     assert!(took < Duration::from_secs(1), "closed after {took:?}");
 
-    let mut trusted = connect_from(ip("127.0.0.2"), server.local_addr()).unwrap();
+    let mut trusted = connect_from(ip("127.0.0.2"), server.local_addr().unwrap()).unwrap();
     trusted
-        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()))
+        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr().unwrap()))
         .unwrap();
     round_trip(&mut trusted, b"ok");
     assert_eq!(
@@ -131,17 +135,17 @@ fn slow_and_partial_headers_are_closed_at_the_deadline_while_others_are_served()
     let timeout = Duration::from_millis(800);
     let (server, _reports) = start_proxied(ProxyProtocol::new().timeout(timeout));
     let started = Instant::now();
-    let mut silent = connect(server.local_addr());
-    let mut partial = connect(server.local_addr());
+    let mut silent = connect(server.local_addr().unwrap());
+    let mut partial = connect(server.local_addr().unwrap());
     partial.write_all(b"PROXY TCP4 192.0.2.1 ").unwrap();
-    let mut partial_v2 = connect(server.local_addr());
+    let mut partial_v2 = connect(server.local_addr().unwrap());
     partial_v2
         .write_all(&proxy_v2(Some((addr("192.0.2.1:1"), addr("192.0.2.2:2"))), &[])[..20])
         .unwrap();
     // Meanwhile, a client with a whole header is served at once.
-    let mut prompt = connect(server.local_addr());
+    let mut prompt = connect(server.local_addr().unwrap());
     prompt
-        .write_all(&proxy_v1(addr("192.0.2.5:5"), server.local_addr()))
+        .write_all(&proxy_v1(addr("192.0.2.5:5"), server.local_addr().unwrap()))
         .unwrap();
     round_trip(&mut prompt, b"not delayed");
     assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
@@ -196,7 +200,7 @@ fn malformed_headers_are_closed_and_the_server_keeps_serving() {
                 header
             }
         };
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         // The server may close before it has everything: a reset here is fine.
         let _ = client.write_all(&bytes);
         let _ = client.shutdown(std::net::Shutdown::Write);
@@ -209,9 +213,9 @@ fn malformed_headers_are_closed_and_the_server_keeps_serving() {
         "{} still open",
         server.connections()
     );
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     client
-        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr()))
+        .write_all(&proxy_v1(addr("192.0.2.1:1"), server.local_addr().unwrap()))
         .unwrap();
     round_trip(&mut client, b"still serving");
 }
@@ -219,7 +223,7 @@ fn malformed_headers_are_closed_and_the_server_keeps_serving() {
 #[test]
 fn without_the_option_a_header_is_data_like_any_other() {
     let server = start_echo();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     client.write_all(b"PROXY UNKNOWN\r\n").unwrap();
     let mut reply = [0; 19];
     client.read_exact(&mut reply).unwrap();
@@ -237,13 +241,13 @@ fn tls_handshake_follows_the_header() {
     let (report, reports) = mpsc::channel();
     let server = Server::builder()
         .threads(2)
-        .proxy_protocol(Some(ProxyProtocol::new()))
+        .proxy_protocol(ProxyProtocol::new())
         .listen_tls("127.0.0.1:0", files.config())
-        .start_listeners(reporting_echo(report))
+        .start(reporting_echo(report))
         .unwrap();
-    let mut tcp = connect(server.local_addr());
+    let mut tcp = connect(server.local_addr().unwrap());
     tcp.write_all(&proxy_v2(
-        Some((addr("192.0.2.8:8000"), server.local_addr())),
+        Some((addr("192.0.2.8:8000"), server.local_addr().unwrap())),
         &[],
     ))
     .unwrap();

@@ -144,7 +144,8 @@ fn stop_serves_the_clients_still_queued_on_its_listener() {
     let hold = Arc::new(Mutex::new(Some((started, released))));
     let server = Server::builder()
         .threads(1)
-        .start("127.0.0.1:0", move |conn: taskserve::Connection| {
+        .listen_tcp("127.0.0.1:0")
+        .start(move |conn: taskserve::Connection| {
             let hold = Arc::clone(&hold);
             async move {
                 let held = hold.lock().unwrap().take();
@@ -157,7 +158,7 @@ fn stop_serves_the_clients_still_queued_on_its_listener() {
             }
         })
         .expect("start");
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let _first = connect(addr);
     handler_started
         .recv_timeout(PATIENCE)

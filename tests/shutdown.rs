@@ -255,7 +255,7 @@ fn start_echo_with_long_drain() -> Server {
 #[test]
 fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
     let server = start_echo_with_long_drain();
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let mut client = connect(addr);
     let data = payload(64 * KIB);
     // Half of the exchange before the stop...
@@ -291,7 +291,7 @@ fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
 /// client it has served; the receiver hears when `wait` returns.
 fn waiting_server_with_a_client() -> (SocketAddr, StopHandle, mpsc::Receiver<()>, TcpStream) {
     let server = start_echo_with_long_drain();
-    let (addr, handle) = (server.local_addr(), server.stop_handle());
+    let (addr, handle) = (server.local_addr().unwrap(), server.stop_handle());
     let (done, returned) = mpsc::channel();
     thread::spawn(move || {
         server.wait();
@@ -339,7 +339,7 @@ fn second_stop_request_closes_open_connections_at_once() {
 #[test]
 fn one_stop_request_during_stop_closes_open_connections_at_once() {
     let server = start_echo_with_long_drain();
-    let (addr, handle) = (server.local_addr(), server.stop_handle());
+    let (addr, handle) = (server.local_addr().unwrap(), server.stop_handle());
     let mut client = connect(addr);
     round_trip(&mut client, b"served while running");
     let (done, returned) = mpsc::channel();
@@ -361,16 +361,14 @@ fn a_handler_can_stop_its_own_server() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(30))
-        .start(
-            "127.0.0.1:0",
-            |mut conn: taskserve::Connection| async move {
-                use smol::io::AsyncWriteExt;
-                conn.stop_handle().stop();
-                conn.write_all(b"stopping").await
-            },
-        )
+        .listen_tcp("127.0.0.1:0")
+        .start(|mut conn: taskserve::Connection| async move {
+            use smol::io::AsyncWriteExt;
+            conn.stop_handle().stop();
+            conn.write_all(b"stopping").await
+        })
         .unwrap();
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let mut client = connect(addr);
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).unwrap();
@@ -387,7 +385,8 @@ fn server_stop_called_from_its_own_handler_neither_waits_nor_joins_itself() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(30))
-        .start("127.0.0.1:0", move |mut stream: taskserve::Connection| {
+        .listen_tcp("127.0.0.1:0")
+        .start(move |mut stream: taskserve::Connection| {
             let slot = Arc::clone(&handler_slot);
             async move {
                 use smol::io::AsyncWriteExt;
@@ -401,7 +400,7 @@ fn server_stop_called_from_its_own_handler_neither_waits_nor_joins_itself() {
             }
         })
         .unwrap();
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     *slot.lock().unwrap() = Some(server);
 
     let mut client = connect(addr);
@@ -428,12 +427,13 @@ fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_millis(100))
-        .start("127.0.0.1:0", |_stream: taskserve::Connection| async {
+        .listen_tcp("127.0.0.1:0")
+        .start(|_stream: taskserve::Connection| async {
             let _state = PanicsOnDrop;
             std::future::pending::<io::Result<()>>().await
         })
         .unwrap();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     assert!(eventually(|| server.connections() == 1));
     // The drain times out and the task is cancelled: dropping its future panics. Before the
     // fix this aborted the whole test process.
@@ -444,7 +444,7 @@ fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
 #[test]
 fn stop_handle_stops_the_server_when_nobody_waits() {
     let server = start_echo_with_long_drain();
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let mut client = connect(addr);
     round_trip(&mut client, b"served while running");
     server.stop_handle().stop();
@@ -466,13 +466,15 @@ fn stop_handle_stops_the_server_when_nobody_waits() {
 fn connections_can_be_read_while_another_thread_waits() {
     let server = start_echo_with_long_drain();
     let handle = server.stop_handle();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     round_trip(&mut client, b"hello");
     thread::scope(|s| {
         let waiting = s.spawn(|| server.wait());
         assert_eq!(server.connections(), 1);
         handle.stop();
-        assert!(eventually(|| refuses_connections(server.local_addr())));
+        assert!(eventually(|| refuses_connections(
+            server.local_addr().unwrap()
+        )));
         assert!(
             !waiting.is_finished(),
             "wait returned with a connection open"
@@ -508,17 +510,15 @@ fn a_handler_hears_a_graceful_stop_and_says_goodbye_before_the_timeout() {
     let server = Server::builder()
         .threads(2)
         .shutdown_timeout(Duration::from_secs(60))
-        .start(
-            "127.0.0.1:0",
-            |mut conn: taskserve::Connection| async move {
-                use smol::io::AsyncWriteExt;
-                conn.write_all(b"hello\n").await?;
-                conn.stop_handle().clone().stopping().await;
-                conn.write_all(b"server shutting down\n").await
-            },
-        )
+        .listen_tcp("127.0.0.1:0")
+        .start(|mut conn: taskserve::Connection| async move {
+            use smol::io::AsyncWriteExt;
+            conn.write_all(b"hello\n").await?;
+            conn.stop_handle().clone().stopping().await;
+            conn.write_all(b"server shutting down\n").await
+        })
         .unwrap();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     let mut hello = [0; 6];
     client.read_exact(&mut hello).unwrap();
     assert_eq!(&hello, b"hello\n");

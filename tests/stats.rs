@@ -36,13 +36,14 @@ fn hooks_see_every_connection_once_with_its_bytes() {
             let ended = Arc::clone(&ended);
             move |report| ended.lock().unwrap().push(report.clone())
         })
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .unwrap();
 
     // Each client sends a different number of bytes, half-closes, and takes every reply.
     let mut expected = HashMap::new();
     for n in 0..40 {
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         let message = payload(1 + n * 997);
         client.write_all(&message).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
@@ -66,7 +67,7 @@ fn hooks_see_every_connection_once_with_its_bytes() {
         assert_eq!(report.bytes_read, sent, "bytes read from {peer}");
         assert_eq!(report.bytes_written, received, "bytes written to {peer}");
         assert_eq!(report.closed, CloseReason::ClientClosed);
-        assert_eq!(report.local_addr, Addr::Inet(server.local_addr()));
+        assert_eq!(report.local_addr, Addr::Inet(server.local_addr().unwrap()));
         assert_eq!(report.transport, taskserve::Transport::Tcp);
         seen.push(peer);
     }
@@ -99,16 +100,14 @@ fn bytes_of_any_handler_are_counted_through_its_connection() {
     // Not echo: a handler that reads 3 bytes and answers 5, through `Connection`.
     let server = Server::builder()
         .threads(1)
-        .start(
-            "127.0.0.1:0",
-            |mut conn: taskserve::Connection| async move {
-                let mut buf = [0; 3];
-                conn.read_exact(&mut buf).await?;
-                conn.write_all(b"hello").await
-            },
-        )
+        .listen_tcp("127.0.0.1:0")
+        .start(|mut conn: taskserve::Connection| async move {
+            let mut buf = [0; 3];
+            conn.read_exact(&mut buf).await?;
+            conn.write_all(b"hello").await
+        })
         .unwrap();
-    let mut client = connect(server.local_addr());
+    let mut client = connect(server.local_addr().unwrap());
     client.write_all(b"abc").unwrap();
     assert_eq!(read_to_close(&mut client), 5);
     assert!(eventually(|| server.stats().closed_total() == 1));
@@ -124,29 +123,27 @@ fn stats_tell_refusals_idle_timeouts_errors_and_panics_apart() {
     let server = Server::builder()
         .threads(2)
         .max_connections(3)
-        .idle_timeout(Some(Duration::from_millis(300)))
-        .start(
-            "127.0.0.1:0",
-            |mut conn: taskserve::Connection| async move {
-                let mut first = [0];
-                conn.read_exact(&mut first).await?;
-                match first[0] {
-                    b'i' => std::future::pending().await,
-                    b'p' => panic!("asked to panic"),
-                    b'e' => Err(std::io::Error::other("asked to fail")),
-                    _ => Ok(()),
-                }
-            },
-        )
+        .idle_timeout(Duration::from_millis(300))
+        .listen_tcp("127.0.0.1:0")
+        .start(|mut conn: taskserve::Connection| async move {
+            let mut first = [0];
+            conn.read_exact(&mut first).await?;
+            match first[0] {
+                b'i' => std::future::pending().await,
+                b'p' => panic!("asked to panic"),
+                b'e' => Err(std::io::Error::other("asked to fail")),
+                _ => Ok(()),
+            }
+        })
         .unwrap();
     let send = |byte: u8| {
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         client.write_all(&[byte]).unwrap();
         client
     };
     let mut idle: Vec<_> = (0..3).map(|_| send(b'i')).collect();
     assert!(eventually(|| server.connections() == 3));
-    let mut refused = connect(server.local_addr());
+    let mut refused = connect(server.local_addr().unwrap());
     wait_for_close(&mut refused, PATIENCE).expect("refused at the limit");
     for client in &mut idle {
         wait_for_close(client, PATIENCE).expect("closed when idle");
@@ -179,11 +176,10 @@ fn a_stop_that_runs_out_of_time_counts_its_connections_as_stopped() {
     let server = Server::builder()
         .threads(1)
         .shutdown_timeout(Duration::from_millis(50))
-        .start("127.0.0.1:0", |_conn: taskserve::Connection| {
-            std::future::pending::<std::io::Result<()>>()
-        })
+        .listen_tcp("127.0.0.1:0")
+        .start(|_conn: taskserve::Connection| std::future::pending::<std::io::Result<()>>())
         .unwrap();
-    let _client = connect(server.local_addr());
+    let _client = connect(server.local_addr().unwrap());
     assert!(eventually(|| server.connections() == 1));
     let stats_before = server.stats();
     assert_eq!(stats_before.open, 1);
@@ -228,29 +224,30 @@ fn behind_a_proxy_hooks_and_counts_name_the_client_and_why_a_connection_ended() 
     let ended = Arc::new(Mutex::new(Vec::<ConnectionReport>::new()));
     let server = Server::builder()
         .threads(2)
-        .proxy_protocol(Some(taskserve::ProxyProtocol::new()))
-        .max_connections_per_ip(Some(1))
+        .proxy_protocol(taskserve::ProxyProtocol::new())
+        .max_connections_per_ip(1)
         .on_connection_end({
             let ended = Arc::clone(&ended);
             move |report| ended.lock().unwrap().push(report.clone())
         })
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .unwrap();
     let client: SocketAddr = "192.0.2.7:40000".parse().unwrap();
     let again: SocketAddr = "192.0.2.7:40001".parse().unwrap();
-    let mut first = connect(server.local_addr());
+    let mut first = connect(server.local_addr().unwrap());
     first
-        .write_all(&proxy_v1(client, server.local_addr()))
+        .write_all(&proxy_v1(client, server.local_addr().unwrap()))
         .unwrap();
     round_trip(&mut first, b"served");
     // The same client again: over its limit of one, closed once the header names it.
-    let mut second = connect(server.local_addr());
+    let mut second = connect(server.local_addr().unwrap());
     second
-        .write_all(&proxy_v1(again, server.local_addr()))
+        .write_all(&proxy_v1(again, server.local_addr().unwrap()))
         .unwrap();
     wait_for_close(&mut second, PATIENCE).expect("the second connection closed");
     // No valid header: closed, counted, and not reported (the hooks never heard of a client).
-    let mut garbage = connect(server.local_addr());
+    let mut garbage = connect(server.local_addr().unwrap());
     garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     wait_for_close(&mut garbage, PATIENCE).expect("the garbage connection closed");
     first.shutdown(Shutdown::Write).unwrap();

@@ -89,7 +89,7 @@ fn echo_tells_notify_socket_ready_then_stopping() {
 fn listen_systemd_without_sockets_is_an_error() {
     let result = taskserve::Server::builder()
         .listen_systemd()
-        .start_listeners(taskserve::echo);
+        .start(taskserve::echo);
     assert_eq!(
         result.unwrap_err().kind(),
         std::io::ErrorKind::NotFound,

@@ -34,7 +34,8 @@ fn reported_tls(reports: &mpsc::Receiver<ConnectionInfo>) -> (Transport, TlsInfo
 fn tls_echo_prefixes_each_chunk_with_got_byte_for_byte() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
-    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     client.write_all(b"Hello").unwrap();
     let mut reply = [0; 9];
     io::Read::read_exact(&mut client, &mut reply).unwrap();
@@ -48,7 +49,7 @@ fn tls_echo_prefixes_each_chunk_with_got_byte_for_byte() {
 fn tls_echo_serves_a_hundred_concurrent_clients_byte_for_byte() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
-    let (addr, config) = (server.local_addr(), files.client());
+    let (addr, config) = (server.local_addr().unwrap(), files.client());
     let clients: Vec<_> = (0..100)
         .map(|_| {
             let config = Arc::clone(&config);
@@ -79,7 +80,7 @@ fn handler_sees_tls_transport_sni_server_name_and_negotiated_alpn() {
     let (server, reports) = start_reporting(tls);
 
     let config = client_config(&files.ca, None, &[b"http/1.1"]);
-    let mut client = tls_connect(server.local_addr(), &config, "localhost").unwrap();
+    let mut client = tls_connect(server.local_addr().unwrap(), &config, "localhost").unwrap();
     tls_round_trip(&mut client, b"hello").unwrap();
     assert_eq!(client.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (transport, tls) = reported_tls(&reports);
@@ -90,7 +91,8 @@ fn handler_sees_tls_transport_sni_server_name_and_negotiated_alpn() {
 
     // A client that asks for an IP address sends no SNI (RFC 6066 allows only host names), and
     // one that offers no protocol negotiates none.
-    let mut client = tls_connect(server.local_addr(), &files.client(), "127.0.0.1").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "127.0.0.1").unwrap();
     tls_round_trip(&mut client, b"hello").unwrap();
     let (_, tls) = reported_tls(&reports);
     assert_eq!(tls.server_name, None);
@@ -108,7 +110,7 @@ fn clients_stalled_in_the_handshake_delay_no_one_and_are_closed_at_the_deadline(
         Server::builder().tls_handshake_timeout(DEADLINE),
         files.config(),
     );
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let hello = Arc::new(client_hello(&files.client()));
     let closed = Arc::new(AtomicUsize::new(0));
     // Half of them send nothing, the others half of a real ClientHello; each waits for its
@@ -184,7 +186,7 @@ fn garbage_and_plaintext_on_the_tls_port_are_closed_promptly() {
         ("plaintext HTTP", b"GET / HTTP/1.0\r\n\r\n"),
     ];
     for (what, input) in inputs {
-        let mut client = connect(server.local_addr());
+        let mut client = connect(server.local_addr().unwrap());
         client.write_all(input).unwrap();
         let closed_in = wait_for_close(&mut client, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -192,7 +194,8 @@ fn garbage_and_plaintext_on_the_tls_port_are_closed_promptly() {
     }
     assert!(eventually(|| server.connections() == 0));
     // And the port still serves TLS.
-    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     tls_round_trip(&mut client, b"still serving").unwrap();
 }
 
@@ -200,7 +203,7 @@ fn garbage_and_plaintext_on_the_tls_port_are_closed_promptly() {
 fn connections_in_their_handshake_count_against_the_connection_limit() {
     let files = TlsFiles::new();
     let server = start_tls_echo_with_long_deadline(&files, Server::builder().max_connections(2));
-    let addr = server.local_addr();
+    let addr = server.local_addr().unwrap();
     let _stalled = [connect(addr), connect(addr)];
     assert!(eventually(|| server.connections() == 2));
     let mut third = connect(addr);
@@ -221,7 +224,7 @@ fn replace_files(files: &TlsFiles, pair: &Pair) {
 fn reload_tls_serves_new_clients_the_new_certificate_and_keeps_open_sessions() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
-    let (addr, config) = (server.local_addr(), files.client());
+    let (addr, config) = (server.local_addr().unwrap(), files.client());
     let mut before = tls_connect(addr, &config, "localhost").unwrap();
     tls_round_trip(&mut before, b"before the reload").unwrap();
     assert_eq!(server_cert(&before), files.server.cert);
@@ -244,7 +247,7 @@ fn reload_tls_serves_new_clients_the_new_certificate_and_keeps_open_sessions() {
 fn reload_tls_with_a_broken_file_names_it_and_keeps_the_old_pair() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
-    let (addr, config) = (server.local_addr(), files.client());
+    let (addr, config) = (server.local_addr().unwrap(), files.client());
     let other = files.ca.server_pair();
     let (cert, key) = (
         files.cert.display().to_string(),
@@ -308,7 +311,7 @@ fn start_reporting(tls: TlsConfig) -> (Server, mpsc::Receiver<ConnectionInfo>) {
     let server = Server::builder()
         .threads(2)
         .listen_tls("127.0.0.1:0", tls)
-        .start_listeners(reporting_echo(report))
+        .start(reporting_echo(report))
         .unwrap();
     (server, reports)
 }
@@ -318,7 +321,7 @@ fn start_reporting(tls: TlsConfig) -> (Server, mpsc::Receiver<ConnectionInfo>) {
 /// rustls reports the alert as an [`io::ErrorKind::InvalidData`] error, `received fatal alert:
 /// {alert}`; this checks that it is `alert`.
 fn assert_refused_with(server: &Server, config: &Arc<ClientConfig>, alert: &str) {
-    let outcome = tls_connect(server.local_addr(), config, "localhost")
+    let outcome = tls_connect(server.local_addr().unwrap(), config, "localhost")
         .and_then(|mut client| tls_round_trip(&mut client, b"let me in"));
     let e = outcome.expect_err("the server refuses the client");
     println!("refused: {e} ({:?})", e.kind());
@@ -332,7 +335,7 @@ fn a_client_certificate_from_the_client_ca_is_served_and_its_subject_reaches_the
     let (server, reports) = start_with_client_ca(&files);
     let alice = files.ca.client_pair("alice");
     let config = client_config(&files.ca, Some(&alice), &[]);
-    let mut client = tls_connect(server.local_addr(), &config, "localhost").unwrap();
+    let mut client = tls_connect(server.local_addr().unwrap(), &config, "localhost").unwrap();
     tls_round_trip(&mut client, b"hello, it's alice").unwrap();
     let (_, tls) = reported_tls(&reports);
     assert_eq!(tls.client_subject.as_deref(), Some("CN=alice"));
@@ -454,11 +457,12 @@ fn a_tls_handler_that_writes_and_returns_closes_with_close_notify() {
     let server = Server::builder()
         .threads(2)
         .listen_tls("127.0.0.1:0", files.config())
-        .start_listeners(|mut conn: taskserve::Connection| async move {
+        .start(|mut conn: taskserve::Connection| async move {
             conn.write_all(b"hello, and goodbye\n").await
         })
         .unwrap();
-    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     let (received, outcome) = read_to_close(&mut client);
     assert_eq!(received, b"hello, and goodbye\n");
     outcome.expect("a clean close, with close_notify");
@@ -478,7 +482,7 @@ fn start_filling_tls_server(
     let server = builder
         .threads(2)
         .listen_tls("127.0.0.1:0", files.config())
-        .start_listeners(move |mut conn: taskserve::Connection| {
+        .start(move |mut conn: taskserve::Connection| {
             let report = report.lock().unwrap().clone();
             async move {
                 let chunk = vec![b'x'; 16 * 1024];
@@ -502,7 +506,8 @@ fn start_filling_tls_server(
 fn a_tls_handler_that_returns_while_its_client_reads_nothing_loses_no_byte() {
     let files = TlsFiles::new();
     let (server, written) = start_filling_tls_server(&files, Server::builder());
-    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     // The client reads only once the handler has returned.
     let accepted = written.recv_timeout(PATIENCE).expect("the handler returns");
     let (received, outcome) = read_to_close(&mut client);
@@ -518,7 +523,8 @@ fn a_tls_handler_that_returns_while_its_client_reads_nothing_loses_no_byte() {
 fn a_tls_client_that_sends_close_notify_gets_every_reply_then_close_notify() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
-    let mut client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let mut client =
+        tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     let message = payload(64 * 1024);
     client.write_all(&message).unwrap();
     client.conn.send_close_notify();
@@ -536,10 +542,10 @@ fn a_tls_client_that_never_reads_its_last_replies_is_dropped_at_the_close_deadli
     let files = TlsFiles::new();
     // No idle timeout: only the close deadline ends the connection.
     let builder = Server::builder()
-        .idle_timeout(None)
+        .idle_timeout(Duration::ZERO)
         .tls_handshake_timeout(DEADLINE);
     let (server, written) = start_filling_tls_server(&files, builder);
-    let _client = tls_connect(server.local_addr(), &files.client(), "localhost").unwrap();
+    let _client = tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();
     written.recv_timeout(PATIENCE).expect("the handler returns");
     let returned = Instant::now();
     assert!(

@@ -34,7 +34,7 @@ fn start_unix_echo(path: &Path) -> Server {
     Server::builder()
         .threads(2)
         .listen_unix(path)
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect("server starts on a Unix socket")
 }
 
@@ -47,6 +47,11 @@ fn echo_over_a_unix_socket_prefixes_each_chunk_with_got() {
         server.local_addrs(),
         [(Addr::Unix(Some(path.as_path().into())), Transport::Unix)]
     );
+    // No TCP listener, so no TCP address: an error to handle, not a panic.
+    let no_tcp = server
+        .local_addr()
+        .expect_err("a Unix-only server has no local_addr");
+    assert_eq!(no_tcp.kind(), std::io::ErrorKind::NotFound, "{no_tcp}");
     let mut client = connect_unix(&path);
     client.write_all(b"Hello").unwrap();
     let mut reply = [0; 9];
@@ -66,7 +71,7 @@ fn handler_on_a_unix_socket_sees_the_clients_uid_and_pid() {
     let server = Server::builder()
         .threads(2)
         .listen_unix(&path)
-        .start_listeners(reporting_echo(report))
+        .start(reporting_echo(report))
         .unwrap();
     let mut client = connect_unix(&path);
     unix_round_trip(&mut client, b"who am I?");
@@ -98,7 +103,7 @@ fn one_server_serves_the_same_handler_over_tcp_tls_and_unix_at_once() {
         .listen_unix(&path)
         .listen_tcp("127.0.0.1:0")
         .listen_tls("127.0.0.1:0", files.config())
-        .start_listeners(reporting_echo(report))
+        .start(reporting_echo(report))
         .unwrap();
 
     let addrs = server.local_addrs();
@@ -112,7 +117,7 @@ fn one_server_serves_the_same_handler_over_tcp_tls_and_unix_at_once() {
     let (tcp, tls) = (addrs[1].0.as_inet().unwrap(), addrs[2].0.as_inet().unwrap());
     assert_ne!(tcp.port(), tls.port());
     assert_eq!(
-        server.local_addr(),
+        server.local_addr().unwrap(),
         tcp,
         "local_addr is the first TCP listener"
     );
@@ -161,7 +166,7 @@ fn a_live_socket_at_the_path_makes_start_fail_with_addr_in_use_naming_it() {
     let e = Server::builder()
         .threads(2)
         .listen_unix(&path)
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect_err("start fails");
     println!("live socket: {e} ({:?})", e.kind());
     assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
@@ -180,7 +185,7 @@ fn a_regular_file_at_the_path_is_left_alone_and_start_fails() {
     let e = Server::builder()
         .threads(2)
         .listen_unix(&path)
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect_err("start fails");
     println!("regular file: {e} ({:?})", e.kind());
     assert!(e.to_string().contains(&path.display().to_string()), "{e}");
@@ -213,7 +218,7 @@ fn a_start_that_fails_on_another_listener_leaves_no_socket_file() {
         .threads(2)
         .listen_unix(&path)
         .listen_tcp(taken.local_addr().unwrap())
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect_err("the TCP port is taken");
     assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
     assert!(

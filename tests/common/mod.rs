@@ -28,7 +28,8 @@ pub fn start_echo() -> Server {
 /// Starts an echo server built by `builder` on `127.0.0.1:0`.
 pub fn start_echo_with(builder: Builder) -> Server {
     builder
-        .start("127.0.0.1:0", taskserve::echo)
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
         .expect("server starts on an ephemeral port")
 }
 

@@ -147,7 +147,7 @@ pub fn start_tls_echo(builder: taskserve::Builder, tls: TlsConfig) -> Server {
     builder
         .threads(2)
         .listen_tls("127.0.0.1:0", tls)
-        .start_listeners(taskserve::echo)
+        .start(taskserve::echo)
         .expect("TLS server starts on an ephemeral port")
 }
 

@@ -23,10 +23,10 @@ use prometheus_client::registry::{Registry, Unit};
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
-use crate::connection::Stream;
+use super::counters::Counters;
+use super::stats::{CloseReason, RefusalReason};
 use crate::deadline::within;
-use crate::listener::{Accepted, Listener};
-use crate::stats::{CloseReason, Metrics, RefusalReason};
+use crate::transport::{Accepted, Listener, Stream};
 
 /// How long a scrape may take, from accept to the last byte of the answer.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -41,11 +41,11 @@ const MAX_SCRAPES: usize = 16;
 /// loops).
 pub(crate) async fn serve_metrics(
     listener: Listener,
-    metrics: Arc<Metrics>,
+    counters: Arc<Counters>,
     executor: Arc<Executor<'static>>,
 ) {
     let mut registry = Registry::with_prefix("taskserve");
-    registry.register_collector(Box::new(Exported(metrics)));
+    registry.register_collector(Box::new(Exported(counters)));
     let registry = Arc::new(registry);
     let scrapes = Arc::new(AtomicUsize::new(0));
     loop {
@@ -192,7 +192,7 @@ fn respond(head: &[u8], registry: &Registry) -> Response {
 
 /// The server's counters as Prometheus metrics, read afresh at each scrape.
 #[derive(Debug)]
-struct Exported(Arc<Metrics>);
+struct Exported(Arc<Counters>);
 
 impl Collector for Exported {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -299,11 +299,11 @@ fn gauge<N: prometheus_client::encoding::EncodeGaugeValue>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Hooks;
+    use crate::observe::counters::Hooks;
 
     fn registry() -> Registry {
         let mut registry = Registry::with_prefix("taskserve");
-        registry.register_collector(Box::new(Exported(Metrics::new(
+        registry.register_collector(Box::new(Exported(Counters::new(
             Arc::default(),
             Hooks::default(),
         ))));

@@ -4,18 +4,14 @@
 //! connection open: an entry goes when its count reaches zero.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::warn;
 
-use crate::accept::{unlogged, RateLimit};
-use crate::connection::ConnectionInfo;
-use crate::listener::canonical;
-use crate::proxy::mask;
-use crate::task::{Peer, Stage};
+use crate::addr::{canonical_ip, mask};
+use crate::info::ConnectionInfo;
+use crate::logging::{unlogged, Peer, RateLimit};
 
 /// The open connections of each client address, and the limit on them.
 #[derive(Debug)]
@@ -52,7 +48,7 @@ impl PerClient {
     /// What counts as one client: an IPv4 address (IPv4-mapped IPv6 folded to it), or an
     /// IPv6 address's network.
     pub(crate) fn client(&self, addr: IpAddr) -> IpAddr {
-        match canonical(SocketAddr::new(addr, 0)).ip() {
+        match canonical_ip(addr) {
             v4 @ IpAddr::V4(_) => v4,
             v6 => mask(v6, self.ipv6_prefix),
         }
@@ -97,8 +93,8 @@ impl Drop for ClientSlot {
 /// Admits a connection under its client's limit: the one place where a connection is refused
 /// for its client's count, and where that is logged (a warning, at most once a second).
 ///
-/// `Ok(None)` when there is nothing to count: no limit set, a Unix socket client, or a client
-/// not known yet (behind a proxy, before its header: the PROXY stage calls this again then).
+/// `Ok(None)` when there is nothing to count: no limit set, or a Unix socket client. Called
+/// once the client is known: at accept, or behind a proxy once its header named the client.
 pub(crate) fn admit(
     limit: Option<&Arc<PerClient>>,
     info: &ConnectionInfo,
@@ -107,9 +103,6 @@ pub(crate) fn admit(
     let (Some(limit), Some(addr)) = (limit, info.peer_addr.as_inet()) else {
         return Ok(None);
     };
-    if !peer.is_known() {
-        return Ok(None);
-    }
     let client = limit.client(addr.ip());
     match limit.try_open(client) {
         Ok(slot) => Ok(Some(slot)),
@@ -132,23 +125,6 @@ pub(crate) fn admit(
             }
             Err(Refused)
         }
-    }
-}
-
-/// `stage` holding `slot` until it ends; `stage` itself when there is no slot, so that a server
-/// without the limit pays nothing for it.
-pub(crate) fn hold<F>(slot: Option<ClientSlot>, stage: Stage<F>) -> Stage<F>
-where
-    F: Future<Output = io::Result<()>> + Send + 'static,
-{
-    match slot {
-        None => stage,
-        Some(slot) => Stage::Staged {
-            run: Box::pin(async move {
-                let _slot = slot;
-                stage.await
-            }),
-        },
     }
 }
 

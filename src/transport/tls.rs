@@ -18,9 +18,9 @@ use futures_rustls::TlsAcceptor;
 use log::debug;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::connection::{ConnectionInfo, Stream, TlsInfo, Transport};
 use crate::deadline::within;
-use crate::task::Peer;
+use crate::info::{ConnectionInfo, TlsInfo, Transport};
+use crate::logging::Peer;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
 /// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`] of your own. Cheap to
@@ -33,13 +33,14 @@ use crate::task::Peer;
 ///     .with_client_ca_file("clients-ca.pem")?; // optional: ask clients for certificates
 /// let server = taskserve::Server::builder()
 ///     .listen_tls("127.0.0.1:25443", tls)
-///     .start_listeners(taskserve::echo)?;
+///     .start(taskserve::echo)?;
 /// # std::io::Result::Ok(())
 /// ```
 #[derive(Clone)]
-pub struct TlsConfig(Arc<Shared>);
+pub struct TlsConfig(Arc<Reloadable>);
 
-struct Shared {
+/// A configuration and where it comes from, shared by every clone of a [`TlsConfig`].
+struct Reloadable {
     /// Where the configuration comes from, read again on reload; `None` for a given one.
     files: Option<Files>,
     current: RwLock<Arc<ServerConfig>>,
@@ -82,7 +83,7 @@ impl TlsConfig {
     /// Serves with a rustls configuration built by the caller (session caches, key logging,
     /// a certificate resolver of its own...). [`TlsConfig::reload`] has nothing to read for it.
     pub fn from_server_config(config: Arc<ServerConfig>) -> Self {
-        TlsConfig(Arc::new(Shared {
+        TlsConfig(Arc::new(Reloadable {
             files: None,
             current: RwLock::new(config),
         }))
@@ -136,7 +137,7 @@ impl TlsConfig {
 
     fn from_files(files: Files) -> io::Result<Self> {
         let config = load(&files)?;
-        Ok(TlsConfig(Arc::new(Shared {
+        Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
             current: RwLock::new(config),
         })))
@@ -229,20 +230,16 @@ fn invalid_data(message: String) -> io::Error {
 }
 
 /// The TLS handshake of one connection, within `timeout`: the stream then becomes the
-/// decrypted one, `info` learns what was settled, and [`Closing`] ends the session once the
+/// decrypted session, `info` learns what was settled, and [`Closing`] ends the session once the
 /// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
 /// sends something else, or takes too long.
 pub(crate) async fn handshake(
-    stream: Stream,
-    mut info: ConnectionInfo,
+    tcp: async_net::TcpStream,
+    info: &mut ConnectionInfo,
     tls: &TlsConfig,
     timeout: Duration,
     peer: &Peer,
-) -> Option<(Stream, ConnectionInfo, Closing)> {
-    let Stream::Tcp(tcp) = stream else {
-        debug!("{peer}: TLS over anything but TCP is not supported");
-        return None;
-    };
+) -> Option<(TlsSession, Closing)> {
     let accepting = TlsAcceptor::from(tls.current()).accept(tcp);
     let stream = match within(timeout, "no handshake", accepting).await {
         Ok(stream) => stream,
@@ -266,7 +263,7 @@ pub(crate) async fn handshake(
         stream: Some(Box::new(stream)),
         closing: closing.clone(),
     };
-    Some((Stream::Tls(Box::new(session)), info, closing))
+    Some((session, closing))
 }
 
 /// A server-side TLS stream over TCP.

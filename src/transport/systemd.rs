@@ -6,16 +6,15 @@ use std::io;
 
 use log::{debug, warn};
 
-use crate::listener::{ListenOptions, Listener};
-#[cfg(feature = "tls")]
-use crate::tls::TlsConfig;
+use super::listener::{ListenOptions, Listener};
+use super::tls::TlsConfig;
 
 /// The listening sockets systemd passed to this process, TCP ones with `tls` if given. Reading
 /// them unsets `LISTEN_FDS` and `LISTEN_PID`, so child processes do not take them too, and a
 /// second call finds none.
 pub(crate) fn inherited(
     options: &ListenOptions,
-    #[cfg(feature = "tls")] tls: Option<&TlsConfig>,
+    tls: Option<&TlsConfig>,
 ) -> io::Result<Vec<Listener>> {
     let mut fds = listenfd::ListenFd::from_env();
     if fds.len() == 0 {
@@ -29,9 +28,7 @@ pub(crate) fn inherited(
     for n in 0..fds.len() {
         // Each descriptor's type is checked: a TCP listener, else a Unix stream listener.
         if let Ok(Some(tcp)) = fds.take_tcp_listener(n) {
-            #[rustfmt::skip]
-            let listener = Listener::tcp(tcp, options, #[cfg(feature = "tls")] tls)?;
-            listeners.push(listener);
+            listeners.push(Listener::tcp(tcp, options, tls)?);
             continue;
         }
         match fds.take_unix_listener(n) {

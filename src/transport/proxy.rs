@@ -5,20 +5,18 @@
 //! The header is framed here, reading exactly its bytes and never one of the payload after it
 //! (the handler, or the TLS handshake, reads those); the `ppp` crate parses the bytes.
 
-use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, info};
 use smol::io::AsyncReadExt;
 
-use crate::connection::{Addr, ConnectionInfo, Stream};
+use crate::addr::{canonical, canonical_ip, Addr, Cidr};
 use crate::deadline::within;
-use crate::listener::canonical;
-use crate::task::Peer;
+use crate::info::{ConnectionInfo, ProxyInfo};
+use crate::logging::Peer;
 
 /// The PROXY protocol on a server's TCP and TLS listeners ([`Builder::proxy_protocol`]): each
 /// connection must start with a version 1 or 2 header, whose client address then replaces the
@@ -35,8 +33,9 @@ use crate::task::Peer;
 ///     .trusted_sources(["10.0.0.0/8".parse()?, "127.0.0.1".parse()?])
 ///     .timeout(Duration::from_secs(2));
 /// let server = taskserve::Server::builder()
-///     .proxy_protocol(Some(proxy))
-///     .start("127.0.0.1:0", taskserve::echo)?;
+///     .proxy_protocol(proxy)
+///     .listen_tcp("127.0.0.1:0")
+///     .start(taskserve::echo)?;
 /// server.stop();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -86,140 +85,9 @@ impl ProxyProtocol {
 
     /// Whether a connection from `addr` may send a header.
     pub fn trusts(&self, addr: IpAddr) -> bool {
-        let addr = canonical(SocketAddr::new(addr, 0)).ip();
+        let addr = canonical_ip(addr);
         self.0.trusted.iter().any(|net| net.contains(addr))
     }
-}
-
-/// A network in CIDR notation: `10.0.0.0/8`, `2001:db8::/32`, or one address (`127.0.0.1`,
-/// `::1`). IPv4-mapped IPv6 addresses are matched as the IPv4 addresses they are.
-///
-/// # Examples
-///
-/// ```
-/// let net: taskserve::Cidr = "192.168.0.0/16".parse()?;
-/// assert!(net.contains("192.168.4.2".parse()?));
-/// assert!(!net.contains("10.0.0.1".parse()?));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// The network of `addr`'s first `prefix` bits (at most 32 for IPv4, 128 for IPv6: more is
-    /// taken as the whole address). For an IPv4-mapped address the prefix counts its IPv6 bits:
-    /// `::ffff:10.0.0.0/104` is `10.0.0.0/8`. One shorter than 96 reaches beyond the mapped
-    /// addresses and stays an IPv6 network, which matches no IPv4 client: never more trust
-    /// than was written.
-    pub fn new(addr: IpAddr, prefix: u8) -> Cidr {
-        let (addr, prefix) = match addr {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) if prefix >= 96 => (IpAddr::V4(v4), prefix - 96),
-                _ => (addr, prefix),
-            },
-            v4 => (v4, prefix),
-        };
-        let prefix = prefix.min(bits(addr));
-        Cidr {
-            addr: mask(addr, prefix),
-            prefix,
-        }
-    }
-
-    /// Whether `addr` is in this network.
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        let addr = canonical(SocketAddr::new(addr, 0)).ip();
-        addr.is_ipv4() == self.addr.is_ipv4() && mask(addr, self.prefix) == self.addr
-    }
-}
-
-fn bits(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() {
-        32
-    } else {
-        128
-    }
-}
-
-/// `addr` with all but its first `prefix` bits zeroed.
-pub(crate) fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => {
-            let keep = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((u32::from(v4) & keep).into())
-        }
-        IpAddr::V6(v6) => {
-            let keep = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((u128::from(v6) & keep).into())
-        }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or network (10.0.0.0/8, ::1)"))?;
-        let prefix = match prefix {
-            None => bits(addr),
-            Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= bits(addr) => p,
-                _ => {
-                    return Err(format!(
-                        "{s:?}: the prefix length must be 0 to {}",
-                        bits(addr)
-                    ))
-                }
-            },
-        };
-        Ok(Cidr::new(addr, prefix))
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// What a PROXY header told about a connection, beside the client address that became
-/// [`ConnectionInfo::peer_addr`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ProxyInfo {
-    /// 1 for the text header, 2 for the binary one.
-    pub version: u8,
-    /// The proxy's own address: the other end of the socket.
-    pub proxy_addr: SocketAddr,
-    /// The address the client connected to, at the proxy; `None` when the header names no
-    /// addresses (v1 `UNKNOWN`, v2 `LOCAL` or an unspecified family).
-    pub destination: Option<SocketAddr>,
-    /// A v2 `LOCAL` header: the proxy's own connection (a health check), not a client's. The
-    /// peer address stays the proxy's.
-    pub local: bool,
-    /// The v2 authority TLV (`PP2_TYPE_AUTHORITY`): the host name the client asked for (TLS
-    /// SNI at the proxy), if the proxy sent one.
-    pub authority: Option<String>,
-    /// The v2 ALPN TLV (`PP2_TYPE_ALPN`): the application protocol the client negotiated with
-    /// the proxy, if it sent one.
-    pub alpn: Option<Vec<u8>>,
-    /// Every v2 TLV as it came, type and value, those above included.
-    pub tlvs: Vec<(u8, Vec<u8>)>,
 }
 
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
@@ -406,16 +274,15 @@ pub(crate) fn peer(proxy: Option<&ProxyProtocol>, info: &ConnectionInfo) -> Opti
 /// `Connection from CLIENT` now). `None`, logged at debug, when the header is missing, late,
 /// partial or malformed: the connection is then closed.
 pub(crate) async fn read_header(
-    stream: &mut Stream,
+    tcp: &mut async_net::TcpStream,
     mut info: ConnectionInfo,
     proxy: &ProxyProtocol,
     peer: &Peer,
 ) -> Option<ConnectionInfo> {
-    let (Stream::Tcp(tcp), Addr::Inet(proxy_addr)) = (stream, &info.peer_addr) else {
+    let Addr::Inet(proxy_addr) = info.peer_addr else {
         debug!("{peer}: the PROXY protocol over anything but TCP is not supported");
         return None;
     };
-    let proxy_addr = *proxy_addr;
     let timeout = proxy.0.timeout;
     let header = match within(timeout, "no complete PROXY header", read_framed(tcp)).await {
         Ok(header) => header,
@@ -449,36 +316,6 @@ mod tests {
 
     fn proxy_addr() -> SocketAddr {
         "127.0.0.1:9".parse().unwrap()
-    }
-
-    #[test]
-    fn cidr_parses_networks_and_single_addresses() {
-        let net: Cidr = "10.1.2.3/8".parse().unwrap();
-        assert_eq!(net.to_string(), "10.0.0.0/8");
-        assert!(net.contains("10.200.0.1".parse().unwrap()));
-        assert!(!net.contains("11.0.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
-        let one: Cidr = "::1".parse().unwrap();
-        assert!(one.contains(Ipv6Addr::LOCALHOST.into()));
-        assert!(!one.contains(Ipv4Addr::LOCALHOST.into()));
-        let mapped: Cidr = "::ffff:192.168.0.0/112".parse().unwrap();
-        assert_eq!(mapped.to_string(), "192.168.0.0/16");
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("nonsense".parse::<Cidr>().is_err());
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
-    }
-
-    #[test]
-    fn a_mapped_network_is_never_wider_than_written() {
-        // Shorter than the mapped range: an IPv6 network, which trusts no IPv4 client.
-        let wide: Cidr = "::ffff:10.0.0.0/90".parse().unwrap();
-        assert!(!wide.contains("8.8.8.8".parse().unwrap()));
-        // `new` and parsing agree on a mapped address's prefix.
-        let mapped: Ipv6Addr = "::ffff:10.0.0.0".parse().unwrap();
-        let parsed: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
-        assert_eq!(Cidr::new(mapped.into(), 104), parsed);
-        assert_eq!(parsed.to_string(), "10.0.0.0/8");
     }
 
     #[test]

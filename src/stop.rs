@@ -1,5 +1,6 @@
-//! The lifecycle of a stop: the requests that ask for one, the notice handlers can await, the
-//! stop itself on a thread of its own, and the count of open connections it waits on.
+//! The lifecycle of a stop: the requests that ask for one ([`StopHandle`], signals), the notice
+//! handlers can await, the stop itself on a thread of its own, and the count of open
+//! connections it waits on.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -172,6 +173,48 @@ impl Drop for Slot {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
         // Cheap when nobody listens: event-listener checks an atomic before taking any lock.
         self.0.closed.notify(usize::MAX);
+    }
+}
+
+/// Stops a [`Server`](crate::Server) from anywhere, and tells when a stop has begun; it is cheap
+/// to clone.
+///
+/// # Examples
+///
+/// ```
+/// let server = taskserve::Server::builder().listen_tcp("127.0.0.1:0").start(taskserve::echo)?;
+/// let handle = server.stop_handle();
+/// std::thread::spawn(move || handle.stop());
+/// server.wait(); // returns once the handle has asked and the server has stopped
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct StopHandle(Arc<Lifecycle>);
+
+impl StopHandle {
+    pub(crate) fn new(lifecycle: &Arc<Lifecycle>) -> Self {
+        StopHandle(Arc::clone(lifecycle))
+    }
+
+    /// Asks the server to stop gracefully, and returns at once: the server stops accepting,
+    /// lets open connections finish for up to the shutdown timeout and closes the rest, whether
+    /// or not anyone waits for it. Asking again (or a signal, with
+    /// [`Builder::stop_on_signals`](crate::Builder::stop_on_signals)) closes open connections at
+    /// once.
+    pub fn stop(&self) {
+        self.0.request();
+    }
+
+    /// Whether a stop has been asked for.
+    pub fn is_stopping(&self) -> bool {
+        self.0.requests() > 0
+    }
+
+    /// Completes once a stop has been asked for (at once if it has been): a handler can race
+    /// its reads against it to finish what it is doing, say goodbye and close before the
+    /// shutdown timeout closes the connection for it.
+    pub async fn stopping(&self) {
+        self.0.stop_requested().await;
     }
 }
 

@@ -1,0 +1,145 @@
+//! The flags: what each one means (its doc comment is its `--help` text) and the values it
+//! takes, checked as they are parsed.
+
+use std::path::PathBuf;
+
+use argh::{ArgsInfo, FromArgs};
+
+/// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
+#[derive(FromArgs, ArgsInfo, Debug)]
+pub struct Args {
+    /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
+    #[argh(
+        option,
+        default = "num_cpus::get().min(MAX_THREADS)",
+        from_str_fn(thread_count)
+    )]
+    pub threads: usize,
+
+    /// TCP port to listen on; 0 picks a free one (default 25000)
+    #[argh(option, default = "25000")]
+    pub port: u16,
+
+    /// address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or :: for all
+    /// interfaces; IPv6 with or without brackets)
+    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    pub host: String,
+
+    /// connections served at once; past it new ones are closed at once (default 10000)
+    #[argh(option, default = "10_000", from_str_fn(at_least_one))]
+    pub max_connections: usize,
+
+    /// seconds without traffic before a connection is closed; 0 never closes (default 300)
+    #[argh(option, default = "300")]
+    pub idle_timeout: u64,
+
+    /// seconds a stop waits for open connections before closing them (default 10)
+    #[argh(option, default = "10")]
+    pub shutdown_timeout: u64,
+
+    /// PEM file with the TLS certificate chain, server certificate first: with --tls-key, the
+    /// --port listener speaks TLS (or, with --tls-port, a listener of its own)
+    #[argh(option)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM file with the certificate's private key (PKCS#8, RSA or SEC1)
+    #[argh(option)]
+    pub tls_key: Option<PathBuf>,
+
+    /// also listen for TLS on this port, and keep --port plain TCP
+    #[argh(option)]
+    pub tls_port: Option<u16>,
+
+    /// PEM file with the CA certificates that client certificates must be signed by: clients
+    /// without such a certificate are refused in the handshake
+    #[argh(option)]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// seconds a TLS client may take over its handshake before it is closed (default 10)
+    #[argh(option, default = "10", from_str_fn(at_least_one_u64))]
+    pub tls_handshake_timeout: u64,
+
+    /// also listen on a Unix socket at this path (a stale socket file left by a crash is
+    /// replaced; the file is removed at exit)
+    #[argh(option)]
+    pub unix: Option<PathBuf>,
+
+    /// no plain TCP listener on --port: serve only --unix and --tls-port
+    #[argh(switch)]
+    pub no_tcp: bool,
+
+    /// also serve Prometheus metrics at http://ADDR/metrics, ADDR as host:port (e.g.
+    /// 127.0.0.1:9100; port 0 picks a free one)
+    #[argh(option)]
+    pub metrics: Option<String>,
+
+    /// expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 sends) at the start
+    /// of each TCP and TLS connection, and take the client's address from it
+    #[argh(switch)]
+    pub proxy_protocol: bool,
+
+    /// with --proxy-protocol, the networks trusted to send the header, CIDR[,CIDR...]; others
+    /// are closed at once (default 127.0.0.0/8,::1: loopback only)
+    #[argh(option, from_str_fn(cidr_list))]
+    pub proxy_from: Option<Vec<taskserve::Cidr>>,
+
+    /// with --proxy-protocol, seconds a client has to send its whole header (default 5)
+    #[argh(option, default = "5", from_str_fn(at_least_one_u64))]
+    pub proxy_timeout: u64,
+
+    /// connections served at once from one client address (IPv6: one /64), the client's own
+    /// with --proxy-protocol; past it new ones are closed at once (default: no limit). Behind
+    /// a load balancer without --proxy-protocol, or a large NAT, many clients share one
+    /// address: allow the most one client needs times the clients behind one address
+    #[argh(option, from_str_fn(at_least_one))]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// set SO_REUSEPORT, so that several echo processes (each with --reuse-port) share one
+    /// address and the kernel spreads connections over them; also for restarts
+    #[argh(switch)]
+    pub reuse_port: bool,
+
+    /// seconds without traffic before TCP keepalive probes a client, then every third of it;
+    /// a vanished peer is closed within twice this (default: off)
+    #[argh(option, from_str_fn(at_least_one_u64))]
+    pub keepalive: Option<u64>,
+
+    /// log only warnings and errors (RUST_LOG, when set, decides instead)
+    #[argh(switch, short = 'q')]
+    pub quiet: bool,
+
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    pub version: bool,
+}
+
+/// The most `--threads` takes, as its help says. Above the core count threads only take turns on
+/// the cores (the largest machines have a few hundred), and each one costs a stack and a few
+/// memory mappings: about 17,000 of them exhaust the kernel's default limit on mappings
+/// (`vm.max_map_count`) and the process aborts while starting them. 1024 leaves room for any
+/// machine and is far from that.
+pub const MAX_THREADS: usize = 1024;
+
+fn thread_count(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+fn cidr_list(value: &str) -> Result<Vec<taskserve::Cidr>, String> {
+    value.split(',').map(|cidr| cidr.trim().parse()).collect()
+}
+
+fn at_least_one_u64(value: &str) -> Result<u64, String> {
+    at_least_one(value).map(|n| n as u64)
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}

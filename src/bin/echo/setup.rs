@@ -1,0 +1,240 @@
+//! From flags to a server: the builder's listeners and options as the flags ask for them, each
+//! checked now so that a mistake is one line at start, not a surprise at the first client; and
+//! the lines that say where the server listens.
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use taskserve::Builder;
+
+use super::args::Args;
+
+/// The builder the flags ask for: options, then listeners.
+pub fn builder(args: &Args) -> io::Result<Builder> {
+    let mut builder = taskserve::Server::builder()
+        .threads(args.threads)
+        .max_connections(args.max_connections)
+        // 0 is "never", for the flag as for the builder.
+        .idle_timeout(Duration::from_secs(args.idle_timeout))
+        .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
+        .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
+        // Installed before the listening lines are printed: a script may signal right after.
+        .stop_on_signals(true)
+        .reuse_port(args.reuse_port)
+        .notify_systemd(true);
+    if let Some(proxy) = proxy_protocol(args)? {
+        builder = builder.proxy_protocol(proxy);
+    }
+    if let Some(max) = args.max_connections_per_ip {
+        builder = builder.max_connections_per_ip(max);
+    }
+    if let Some(seconds) = args.keepalive {
+        builder = builder.keepalive(Duration::from_secs(seconds));
+    }
+    listeners(builder, args)
+}
+
+/// The listeners the flags ask for: --port (or systemd's sockets in its place), --tls-port,
+/// --unix, --metrics.
+fn listeners(mut builder: Builder, args: &Args) -> io::Result<Builder> {
+    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
+        return Err(usage(
+            "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
+        ));
+    }
+    let tls = tls_config(args)?;
+    if socket_activated() {
+        // Started by systemd (or systemd-socket-activate): its sockets take --port's place.
+        builder = listen_systemd(builder, tls.as_ref().filter(|_| args.tls_port.is_none()))?;
+    } else if !args.no_tcp {
+        let addrs = resolve(&args.host, args.port)?;
+        builder = match (&tls, args.tls_port) {
+            (Some(tls), None) => builder.listen_tls(&addrs[..], tls.clone()),
+            _ => builder.listen_tcp(&addrs[..]),
+        };
+    }
+    if let (Some(tls), Some(port)) = (&tls, args.tls_port) {
+        builder = builder.listen_tls(&resolve(&args.host, port)?[..], tls.clone());
+    }
+    if let Some(path) = &args.unix {
+        builder = listen_unix(builder, path)?;
+    }
+    if let Some(addr) = &args.metrics {
+        // Resolved now, so that an error names the flag.
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}"))
+            })?
+            .collect();
+        builder = builder.listen_metrics(&addrs[..]);
+    }
+    Ok(builder)
+}
+
+/// One line per listener, on stdout whatever the log level, all printed before serving:
+/// `listening on 127.0.0.1:25000 (4 threads)` first, in the form scripts parse, then
+/// `listening on 127.0.0.1:25443 (tls)` or `listening on /run/echo.sock (unix)`.
+pub fn listening_lines(server: &taskserve::Server) -> Vec<String> {
+    let threads = server.threads();
+    let threads = format!("{threads} thread{}", if threads == 1 { "" } else { "s" });
+    let mut lines: Vec<String> = server
+        .local_addrs()
+        .iter()
+        .enumerate()
+        .map(|(n, (addr, transport))| {
+            let mut notes = Vec::new();
+            if *transport != taskserve::Transport::Tcp {
+                notes.push(transport.to_string());
+            }
+            if n == 0 {
+                notes.push(threads.clone());
+            }
+            format!("listening on {addr} ({})", notes.join(", "))
+        })
+        .collect();
+    if let Some(addr) = server.metrics_addr() {
+        lines.push(format!("listening on {addr} (metrics)"));
+    }
+    lines
+}
+
+/// The TLS configuration the flags ask for, if any; each file is read (and checked) now, so
+/// that a bad one is an error at start, not at the first client.
+fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(usage(
+                "--tls-cert needs --tls-key, the certificate's private key",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(usage(
+                "--tls-key needs --tls-cert, the certificate it is for",
+            ))
+        }
+        (None, None) => {
+            if args.tls_port.is_some() || args.tls_client_ca.is_some() {
+                return Err(usage(
+                    "--tls-port and --tls-client-ca need --tls-cert and --tls-key",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let mut tls = taskserve::TlsConfig::from_pem_files(cert, key)?;
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.with_client_ca_file(ca)?;
+    }
+    Ok(Some(tls))
+}
+
+/// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
+fn socket_activated() -> bool {
+    cfg!(unix) && std::env::var_os("LISTEN_FDS").is_some()
+}
+
+#[cfg(unix)]
+fn listen_systemd(
+    builder: taskserve::Builder,
+    tls: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Ok(match tls {
+        Some(tls) => builder.listen_systemd_tls(tls.clone()),
+        None => builder.listen_systemd(),
+    })
+}
+
+#[cfg(not(unix))]
+fn listen_systemd(
+    _: taskserve::Builder,
+    _: Option<&taskserve::TlsConfig>,
+) -> io::Result<taskserve::Builder> {
+    Err(usage("socket activation is not available on this system"))
+}
+
+/// The PROXY protocol configuration the flags ask for, if any.
+fn proxy_protocol(args: &Args) -> io::Result<Option<taskserve::ProxyProtocol>> {
+    if !args.proxy_protocol {
+        if args.proxy_from.is_some() {
+            return Err(usage("--proxy-from needs --proxy-protocol"));
+        }
+        return Ok(None);
+    }
+    let mut proxy =
+        taskserve::ProxyProtocol::new().timeout(Duration::from_secs(args.proxy_timeout));
+    if let Some(networks) = &args.proxy_from {
+        proxy = proxy.trusted_sources(networks.iter().copied());
+    }
+    Ok(Some(proxy))
+}
+
+#[cfg(unix)]
+fn listen_unix(builder: taskserve::Builder, path: &Path) -> io::Result<taskserve::Builder> {
+    Ok(builder.listen_unix(path))
+}
+
+#[cfg(not(unix))]
+fn listen_unix(_: taskserve::Builder, _: &Path) -> io::Result<taskserve::Builder> {
+    Err(usage(
+        "--unix: Unix sockets are not available on this system",
+    ))
+}
+
+/// A combination of flags that cannot work: one line, and exit code 1 like any failure to
+/// start.
+fn usage(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    // A bare IPv6 address such as `::1` is not `host:port` syntax; try it as an address first.
+    // In brackets too, as the listening line prints it (`[::1]:25000`).
+    let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(bracketed) => bracketed.parse::<Ipv6Addr>().map(IpAddr::V6).ok(),
+        None => host.parse().ok(),
+    };
+    if let Some(ip) = ip {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --host {host:?}: {e}")))
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs do at start-up: every
+/// client is a file descriptor, and the usual soft limit of 1024 would stop the server far below
+/// its default `--max-connections`. Warns when even the hard limit is below that.
+#[cfg(unix)]
+pub fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            log::debug!("cannot raise the open-file limit: {e}");
+        }
+    }
+    // `None` is unlimited. A few descriptors go to the listener, the reactor and std streams.
+    if let Some(files) = getrlimit(Resource::Nofile).current {
+        let wanted = max_connections as u64 + 16;
+        if files < wanted {
+            log::warn!(
+                "the open-file limit is {files}, below --max-connections {max_connections}: past \
+                 about {} clients, new ones wait until descriptors free up (raise it with ulimit -n)",
+                files.saturating_sub(16)
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub fn raise_open_file_limit(_max_connections: usize) {}

@@ -1,0 +1,77 @@
+//! TCP: binding a listening socket with the options the builder set, and setting up each
+//! accepted connection (no Nagle delay, keepalive).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use log::debug;
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+/// Binds the first address of `addrs` that can be bound, with the given listen backlog.
+pub(super) fn bind(
+    addrs: &[SocketAddr],
+    backlog: u32,
+    reuse_port: bool,
+) -> io::Result<TcpListener> {
+    let mut last_error = None;
+    for &addr in addrs {
+        match bind_one(addr, backlog, reuse_port) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => {
+                last_error = Some(io::Error::new(
+                    e.kind(),
+                    format!("failed to bind {addr}: {e}"),
+                ))
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+}
+
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does on Unix: a restarted server can bind while old connections sit in TIME_WAIT.
+    // It does not let two servers share a port.
+    socket.set_reuse_address(true)?;
+    // This does: every socket of the group must set it (and belong to the same user); the
+    // kernel spreads new connections over them.
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(clamp_backlog(backlog))?;
+    Ok(socket.into())
+}
+
+/// Keepalive probes after `idle` without traffic, then every third of it (at least a second),
+/// three of them: a dead peer is found within twice `idle`.
+pub(super) fn keepalive(idle: Duration) -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(idle);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    keepalive
+}
+
+/// Sets up a connection just accepted from `peer`. A failure is logged and the connection
+/// served all the same: these only tune it.
+pub(super) fn set_up(stream: &TcpStream, peer: SocketAddr, keepalive: Option<&TcpKeepalive>) {
+    // Without TCP_NODELAY, a reply written in two parts (prefix, then payload) waits for the
+    // client's delayed ACK: Nagle's algorithm turns each round trip into 40 ms.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!("{peer}: cannot set TCP_NODELAY: {e}");
+    }
+    if let Some(keepalive) = keepalive {
+        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(keepalive) {
+            debug!("{peer}: cannot set TCP keepalive: {e}");
+        }
+    }
+}
+
+/// The backlog as listen(2) takes it.
+pub(super) fn clamp_backlog(backlog: u32) -> i32 {
+    backlog.min(i32::MAX as u32) as i32
+}
