@@ -143,7 +143,18 @@ pub use smol::io;
 #[cfg(feature = "tls")]
 pub use futures_rustls::rustls;
 
-/// The README's Rust examples, compiled and run by `cargo test` so that they stay true.
+/// The Rust examples of the README and of the pages in docs/, compiled and run by `cargo test`
+/// so that they stay true.
 #[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-struct ReadmeExamples;
+mod documentation_examples {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/library.md")]
+    struct Library;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/performance.md")]
+    struct Performance;
+    #[doc = include_str!("../docs/how-it-works.md")]
+    struct HowItWorks;
+}

@@ -1,6 +1,6 @@
 //! Replacing a running server while clients keep connecting: a stop serves the clients already
 //! queued on its listener, and a restart (start the new process, SIGTERM the old) refuses and
-//! resets no one when the listening socket outlives the process, as the README's "Restarts
+//! resets no one when the listening socket outlives the process, as docs/operations.md's "Restarts
 //! without refused connections" recommends. (A `--reuse-port` restart, with or without
 //! `net.ipv4.tcp_migrate_req=1`, reset a client every few dozen restarts here: no test can
 //! assert zero for it.)
