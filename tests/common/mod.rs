@@ -116,6 +116,20 @@ pub fn round_trip(stream: &mut TcpStream, message: &[u8]) {
     assert!(echoed == message, "the reply differs from what was sent");
 }
 
+/// Sends `message` and reads exactly as many bytes as `reply` has; checks they are `reply`. For
+/// replies known byte for byte, such as `GOT:` and a line.
+pub fn exchange(client: &mut TcpStream, message: &[u8], reply: &[u8]) {
+    client.write_all(message).expect("send");
+    let mut got = vec![0; reply.len()];
+    client.read_exact(&mut got).expect("read the reply");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(reply),
+        "reply to {:?}",
+        String::from_utf8_lossy(message)
+    );
+}
+
 /// Whether `reply` is `expected` cut into chunks, each behind `GOT:`: for any bytes, even ones
 /// that contain `GOT:` themselves (it tries every place a prefix could start).
 pub fn is_prefixed_echo(reply: &[u8], expected: &[u8]) -> bool {
