@@ -191,6 +191,15 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
     ))
 }
 
+/// Reads `stream` (TCP, TLS...) until the server closes it; returns what came, and how the
+/// reading ended: `Ok` with the number of bytes, or the error the client saw at the close
+/// (rustls reports a close without close_notify as `UnexpectedEof`).
+pub fn read_to_close(stream: &mut impl Read) -> (Vec<u8>, io::Result<usize>) {
+    let mut received = Vec::new();
+    let outcome = stream.read_to_end(&mut received);
+    (received, outcome)
+}
+
 /// A port on 127.0.0.1 that was free a moment ago, for a program that must be told a port
 /// number (HAProxy's configuration, `systemd-socket-activate -l`) rather than pick one with 0.
 /// Another process could take it in between; a test that can use port 0 should.
