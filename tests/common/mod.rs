@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use taskserve::{Builder, Connection, ConnectionInfo, Server};
@@ -355,6 +355,39 @@ impl Drop for EchoProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The `echo` binary's stderr, read line by line by a thread as it comes, so that the binary
+/// never blocks on a full pipe and a test can look for log lines.
+pub struct StderrLog(Arc<Mutex<Vec<String>>>);
+
+impl StderrLog {
+    pub fn collect(process: &mut EchoProcess) -> StderrLog {
+        let log = StderrLog(Arc::default());
+        let lines = Arc::clone(&log.0);
+        let stderr = BufReader::new(process.stderr());
+        // Ends at end of file, when the process exits (or is killed by its drop).
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        log
+    }
+
+    /// How many lines so far contain every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
+    }
+
+    /// Every line so far, for a failure message.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
     }
 }
 
