@@ -65,6 +65,7 @@ fn client_gets_its_reply(program: &str, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs socat and ncat: bash .ci/run installs them"]
 fn echo_over_tls_answers_openssl_socat_ncat_and_python() {
     let files = TlsFiles::new();
     let mut echo = start_tls_echo(&files, &[]);
@@ -111,6 +112,7 @@ fn echo_over_tls_answers_openssl_socat_ncat_and_python() {
 }
 
 #[test]
+#[ignore = "needs socat: bash .ci/run installs it"]
 fn echo_serves_tcp_tls_and_a_unix_socket_at_once_with_a_line_for_each() {
     let files = TlsFiles::new();
     let socket = files.dir.join("echo.sock");

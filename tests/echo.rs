@@ -11,7 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::{
-    connect, eventually, is_prefixed_echo, payload, read_payload, round_trip, start_echo,
+    connect, eventually, exchange, is_prefixed_echo, payload, read_payload, round_trip, start_echo,
     timed_out, worker_thread_names,
 };
 use smol::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,19 +28,6 @@ fn finish(client: &mut TcpStream) -> Vec<u8> {
         .read_to_end(&mut rest)
         .expect("read until the server closes");
     rest
-}
-
-/// Sends `message` and reads exactly as many bytes as `reply` has; checks they are `reply`.
-fn exchange(client: &mut TcpStream, message: &[u8], reply: &[u8]) {
-    client.write_all(message).expect("send");
-    let mut got = vec![0; reply.len()];
-    client.read_exact(&mut got).expect("read the reply");
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(reply),
-        "reply to {:?}",
-        String::from_utf8_lossy(message)
-    );
 }
 
 #[test]

@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Mutex, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,38 +50,6 @@ fn wait_for_close(stream: &mut TcpStream, who: &str) -> Duration {
         ),
     }
     start.elapsed()
-}
-
-/// The `echo` binary's stderr, read line by line by a thread as it comes, so that the binary
-/// never blocks on a full pipe and a test can look for log lines.
-struct StderrLog(Arc<Mutex<Vec<String>>>);
-
-impl StderrLog {
-    fn collect(process: &mut EchoProcess) -> StderrLog {
-        let log = StderrLog(Arc::default());
-        let lines = Arc::clone(&log.0);
-        let stderr = BufReader::new(process.stderr());
-        // Ends at end of file, when the process exits (or is killed by its drop).
-        thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        log
-    }
-
-    /// How many lines so far contain every one of `needles`.
-    fn count(&self, needles: &[&str]) -> usize {
-        let lines = self.0.lock().unwrap();
-        lines
-            .iter()
-            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-            .count()
-    }
-
-    fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
 }
 
 /// User plus system CPU time a process has used, from `/proc/PID/stat`.

@@ -119,6 +119,7 @@ fn by_first_byte(mut conn: taskserve::Connection) -> HandlerFuture {
 const LOAD_CLIENTS: usize = 200;
 
 #[test]
+#[ignore = "needs promtool: bash .ci/run installs it"]
 fn scrapes_during_a_load_of_200_clients_match_what_they_did() {
     let server = Server::builder()
         .threads(2)
@@ -340,6 +341,7 @@ fn other_paths_get_404_other_methods_405_and_garbage_400() {
 }
 
 #[test]
+#[ignore = "needs promtool: bash .ci/run installs it"]
 fn echo_serves_metrics_and_prints_their_address_with_the_listening_lines() {
     let mut echo = EchoProcess::start(&["--threads", "1", "--quiet", "--metrics", "127.0.0.1:0"]);
     let line = echo.next_line();

@@ -3,35 +3,23 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Starts `echo` with `args`, logging at info; its log lines come through the receiver.
-fn start_logging(args: &[&str]) -> (EchoProcess, mpsc::Receiver<String>) {
+/// Starts `echo` with `args`, logging at info; returns it and its log.
+fn start_logging(args: &[&str]) -> (EchoProcess, StderrLog) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
     command.env("RUST_LOG", "info");
     let mut server = EchoProcess::start_as_given(command, args);
-    let log = BufReader::new(server.stderr());
-    let (send, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in log.lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (server, lines)
+    let log = StderrLog::collect(&mut server);
+    (server, log)
 }
 
-fn connections_logged(lines: &mpsc::Receiver<String>) -> usize {
-    lines
-        .try_iter()
-        .filter(|line| line.contains("Connection from"))
-        .count()
+/// How many connections `log` has told of so far.
+fn connections_logged(log: &StderrLog) -> usize {
+    log.count(&["Connection from"])
 }
 
 #[test]
@@ -49,8 +37,8 @@ fn two_processes_with_reuse_port_share_one_port_and_both_serve() {
         round_trip(&mut client, b"which one?");
         drop(client);
         std::thread::sleep(Duration::from_millis(2));
-        served_first += connections_logged(&first_log);
-        served_second += connections_logged(&second_log);
+        served_first = connections_logged(&first_log);
+        served_second = connections_logged(&second_log);
         if (served_first > 0 && served_second > 0) || Instant::now() > deadline {
             break;
         }

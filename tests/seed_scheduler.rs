@@ -7,12 +7,12 @@ mod common;
 mod seed_scheduler;
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use common::{connect, payload, read_payload, timed_out, PATIENCE};
+use common::{connect, exchange, payload, read_payload, timed_out, PATIENCE};
 use seed_scheduler::Scheduler;
 
 /// How long a client's send may make no progress before the test takes the server to have
@@ -52,17 +52,6 @@ impl Drop for SeedServer {
                 .expect("serve");
         }
     }
-}
-
-/// Sends `message` and checks that exactly `reply` comes back.
-fn exchange(client: &mut TcpStream, message: &[u8], reply: &[u8]) {
-    client.write_all(message).expect("send");
-    let mut got = vec![0; reply.len()];
-    client.read_exact(&mut got).expect("read the reply");
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(reply)
-    );
 }
 
 #[test]

@@ -13,15 +13,6 @@ use std::time::Duration;
 use common::*;
 use taskserve::{Addr, CloseReason, ConnectionReport, Server};
 
-/// Reads everything the server sends until it closes; returns how many bytes that was.
-fn read_to_close(stream: &mut std::net::TcpStream) -> usize {
-    let mut all = Vec::new();
-    stream
-        .read_to_end(&mut all)
-        .expect("read until the server closes");
-    all.len()
-}
-
 #[test]
 fn hooks_see_every_connection_once_with_its_bytes() {
     let started = Arc::new(Mutex::new(Vec::<Addr>::new()));
@@ -47,7 +38,9 @@ fn hooks_see_every_connection_once_with_its_bytes() {
         let message = payload(1 + n * 997);
         client.write_all(&message).unwrap();
         client.shutdown(Shutdown::Write).unwrap();
-        let received = read_to_close(&mut client);
+        let received = read_to_close(&mut client)
+            .1
+            .expect("read until the server closes");
         let peer = client.local_addr().unwrap();
         expected.insert(peer, (message.len() as u64, received as u64));
     }
@@ -109,7 +102,12 @@ fn bytes_of_any_handler_are_counted_through_its_connection() {
         .unwrap();
     let mut client = connect(server.local_addr().unwrap());
     client.write_all(b"abc").unwrap();
-    assert_eq!(read_to_close(&mut client), 5);
+    assert_eq!(
+        read_to_close(&mut client)
+            .1
+            .expect("read until the server closes"),
+        5
+    );
     assert!(eventually(|| server.stats().closed_total() == 1));
     let stats = server.stats();
     assert_eq!((stats.bytes_read, stats.bytes_written), (3, 5));
@@ -251,7 +249,9 @@ fn behind_a_proxy_hooks_and_counts_name_the_client_and_why_a_connection_ended() 
     garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     wait_for_close(&mut garbage, PATIENCE).expect("the garbage connection closed");
     first.shutdown(Shutdown::Write).unwrap();
-    read_to_close(&mut first);
+    read_to_close(&mut first)
+        .1
+        .expect("read until the server closes");
     assert!(eventually(|| server.stats().open == 0));
 
     let stats = server.stats();

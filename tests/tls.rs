@@ -441,14 +441,6 @@ fn bad_certificate_or_key_files_are_errors_naming_the_file_and_the_cause() {
     }
 }
 
-/// Reads `stream` to its end; the error, if any, is what the client saw at the close (rustls
-/// reports a close without close_notify as UnexpectedEof).
-fn read_to_close(stream: &mut TlsStream) -> (Vec<u8>, io::Result<usize>) {
-    let mut received = Vec::new();
-    let outcome = io::Read::read_to_end(stream, &mut received);
-    (received, outcome)
-}
-
 #[test]
 fn a_tls_handler_that_writes_and_returns_closes_with_close_notify() {
     use taskserve::io::AsyncWriteExt;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use taskserve::{Builder, Connection, ConnectionInfo, Server};
@@ -117,6 +117,20 @@ pub fn round_trip(stream: &mut TcpStream, message: &[u8]) {
     assert!(echoed == message, "the reply differs from what was sent");
 }
 
+/// Sends `message` and reads exactly as many bytes as `reply` has; checks they are `reply`. For
+/// replies known byte for byte, such as `GOT:` and a line.
+pub fn exchange(client: &mut TcpStream, message: &[u8], reply: &[u8]) {
+    client.write_all(message).expect("send");
+    let mut got = vec![0; reply.len()];
+    client.read_exact(&mut got).expect("read the reply");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(reply),
+        "reply to {:?}",
+        String::from_utf8_lossy(message)
+    );
+}
+
 /// Whether `reply` is `expected` cut into chunks, each behind `GOT:`: for any bytes, even ones
 /// that contain `GOT:` themselves (it tries every place a prefix could start).
 pub fn is_prefixed_echo(reply: &[u8], expected: &[u8]) -> bool {
@@ -176,6 +190,15 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
         io::ErrorKind::TimedOut,
         format!("still open after {:?}", start.elapsed()),
     ))
+}
+
+/// Reads `stream` (TCP, TLS...) until the server closes it; returns what came, and how the
+/// reading ended: `Ok` with the number of bytes, or the error the client saw at the close
+/// (rustls reports a close without close_notify as `UnexpectedEof`).
+pub fn read_to_close(stream: &mut impl Read) -> (Vec<u8>, io::Result<usize>) {
+    let mut received = Vec::new();
+    let outcome = stream.read_to_end(&mut received);
+    (received, outcome)
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, for a program that must be told a port
@@ -333,6 +356,39 @@ impl Drop for EchoProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The `echo` binary's stderr, read line by line by a thread as it comes, so that the binary
+/// never blocks on a full pipe and a test can look for log lines.
+pub struct StderrLog(Arc<Mutex<Vec<String>>>);
+
+impl StderrLog {
+    pub fn collect(process: &mut EchoProcess) -> StderrLog {
+        let log = StderrLog(Arc::default());
+        let lines = Arc::clone(&log.0);
+        let stderr = BufReader::new(process.stderr());
+        // Ends at end of file, when the process exits (or is killed by its drop).
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        log
+    }
+
+    /// How many lines so far contain every one of `needles`.
+    pub fn count(&self, needles: &[&str]) -> usize {
+        let lines = self.0.lock().unwrap();
+        lines
+            .iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
+    }
+
+    /// Every line so far, for a failure message.
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
     }
 }
 
