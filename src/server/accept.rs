@@ -165,9 +165,10 @@ fn serve_accepted<H: Handler>(
         return;
     };
     let Some(slot) = accepting.tracker.try_open(max_connections) else {
-        // Accept and close, rather than leave clients hanging in the backlog.
-        drop(accepted);
+        // Counted before the close: a client that sees the close and then reads the stats finds
+        // itself counted. Accept and close, rather than leave clients hanging in the backlog.
         counters.count_refused(RefusalReason::ConnectionLimit);
+        drop(accepted);
         if let Some(held_back) = refusals.allow() {
             warn!(
                 "refused {peer}: at the connection limit ({max_connections} open){}",
