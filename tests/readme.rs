@@ -40,6 +40,8 @@ fn readme_library_examples_build_in_a_separate_crate_with_the_printed_dependenci
 
     let dir = root.join("target").join("readme-crate");
     let bin = dir.join("src").join("bin");
+    // Programs left by an earlier run, from a README that had more of them, must not be built.
+    let _ = std::fs::remove_dir_all(&bin);
     std::fs::create_dir_all(&bin).unwrap();
     let manifest = format!(
         "[package]\nname = \"readme-examples\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
