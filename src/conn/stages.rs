@@ -1,7 +1,9 @@
 //! A connection's stages, in the order it passes them: the PROXY header, per-client admission,
-//! the TLS handshake, the handler, the TLS close. Each runs inside the connection's own task,
-//! with its own deadline, so a slow client delays no one; a connection with no stage but the
-//! handler pays nothing for the others (see [`Stages`]).
+//! the TLS handshake, the handler, the TLS close. Each stage that waits on the client (the
+//! header, the handshake, the close) runs inside the connection's own task with its own
+//! deadline, so a slow client delays no one; what needs no wait (admission of a client its
+//! socket names, the call that makes the handler's future) runs in the accept loop, so a
+//! connection with no stage but the handler pays nothing for the others (see [`Stages`]).
 
 use std::future::Future;
 use std::io;
@@ -112,7 +114,8 @@ pub(crate) fn begin<H: Handler>(
     Some((Stages::boxed(run), meter))
 }
 
-/// What the stages after the PROXY header need, moved into the connection's task.
+/// What the stages after the PROXY header need, moved into the connection's task when a stage
+/// must wait.
 struct Steps<H> {
     service: Arc<Service<H>>,
     peer: Peer,

@@ -103,6 +103,11 @@ pub(crate) fn admit(
     let (Some(limit), Some(addr)) = (limit, info.peer_addr.as_inet()) else {
         return Ok(None);
     };
+    // Behind a proxy, the socket's address is the proxy's: counting it would limit the proxy.
+    debug_assert!(
+        peer.is_known(),
+        "admitted before the PROXY header named the client"
+    );
     let client = limit.client(addr.ip());
     match limit.try_open(client) {
         Ok(slot) => Ok(Some(slot)),

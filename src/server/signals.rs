@@ -11,8 +11,9 @@ use smol::stream::StreamExt;
 use crate::stop::Lifecycle;
 use crate::transport::tls::TlsConfig;
 
-/// Turns SIGINT and SIGTERM into stop requests, and logs SIGHUP, for as long as the server runs. Spawned on the
-/// server's executor, so that signals count during a stop's drain too.
+/// Turns SIGINT and SIGTERM into stop requests, and SIGHUP into a reload, for as long as the
+/// server runs. Spawned on the server's executor, so that signals count during a stop's drain
+/// too.
 pub(super) async fn forward_signals(
     mut signals: Signals,
     lifecycle: Arc<Lifecycle>,

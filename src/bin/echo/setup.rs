@@ -11,8 +11,11 @@ use taskserve::Builder;
 
 use super::args::Args;
 
-/// The builder the flags ask for: options, then listeners.
+/// The builder the flags ask for: options, then listeners. The flags are checked in the order
+/// a user meets them (TLS files, PROXY, listeners, --no-tcp last), so that one mistake gives the
+/// same message whatever else is wrong.
 pub fn builder(args: &Args) -> io::Result<Builder> {
+    let tls = tls_config(args)?;
     let mut builder = taskserve::Server::builder()
         .threads(args.threads)
         .max_connections(args.max_connections)
@@ -33,18 +36,16 @@ pub fn builder(args: &Args) -> io::Result<Builder> {
     if let Some(seconds) = args.keepalive {
         builder = builder.keepalive(Duration::from_secs(seconds));
     }
-    listeners(builder, args)
+    listeners(builder, args, tls)
 }
 
 /// The listeners the flags ask for: --port (or systemd's sockets in its place), --tls-port,
 /// --unix, --metrics.
-fn listeners(mut builder: Builder, args: &Args) -> io::Result<Builder> {
-    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
-        return Err(usage(
-            "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
-        ));
-    }
-    let tls = tls_config(args)?;
+fn listeners(
+    mut builder: Builder,
+    args: &Args,
+    tls: Option<taskserve::TlsConfig>,
+) -> io::Result<Builder> {
     if socket_activated() {
         // Started by systemd (or systemd-socket-activate): its sockets take --port's place.
         builder = listen_systemd(builder, tls.as_ref().filter(|_| args.tls_port.is_none()))?;
@@ -70,6 +71,11 @@ fn listeners(mut builder: Builder, args: &Args) -> io::Result<Builder> {
             })?
             .collect();
         builder = builder.listen_metrics(&addrs[..]);
+    }
+    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
+        return Err(usage(
+            "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
+        ));
     }
     Ok(builder)
 }
