@@ -18,13 +18,51 @@ use log::error;
 pub(crate) struct Lifecycle {
     requests: AtomicUsize,
     requested: Event,
+    /// Set when the server stops accepting: after the drain delay, if there is one.
+    draining: AtomicBool,
     stopped: AtomicBool,
     stopped_event: Event,
     /// What the first request runs; set once the server is running.
     stop: Mutex<Option<StopFn>>,
 }
 
-/// Takes a running server apart. It may wait for [`Lifecycle::hurried`] to cut its drain short.
+/// Where a server is in its life, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Accepting and serving; ready for new clients.
+    Serving,
+    /// A stop has begun, but the server still accepts for the drain delay, so that load
+    /// balancers that saw it is not ready take it out of rotation before it stops accepting.
+    DrainDelay,
+    /// No longer accepting; open connections finish, up to the shutdown timeout.
+    Draining,
+    /// Stopped: every connection closed, the threads joined.
+    Stopped,
+}
+
+// Only the Prometheus endpoint lists and names the phases.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+impl Phase {
+    /// Every phase, in order.
+    pub(crate) const ALL: [Phase; 4] = [
+        Phase::Serving,
+        Phase::DrainDelay,
+        Phase::Draining,
+        Phase::Stopped,
+    ];
+
+    /// `serving`, `drain_delay`, `draining`, `stopped`: as the metrics label it.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::DrainDelay => "drain_delay",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// Takes a running server apart. It may wait for further requests to cut its drain short.
 pub(crate) type StopFn = Box<dyn FnOnce(&Lifecycle) + Send>;
 
 impl std::fmt::Debug for Lifecycle {
@@ -96,14 +134,28 @@ impl Lifecycle {
         self.requests.load(Ordering::SeqCst)
     }
 
-    /// Completes once a stop has been asked for.
-    pub(crate) async fn stop_requested(&self) {
-        until(&self.requested, || self.requests() >= 1).await;
+    /// Completes once a stop has been asked for `n` times in all: once to begin it, and more to
+    /// hurry it (end the drain delay, then the drain).
+    pub(crate) async fn requested(&self, n: usize) {
+        until(&self.requested, || self.requests() >= n).await;
     }
 
-    /// Completes once a stop has been asked for twice: the drain should end now.
-    pub(crate) async fn hurried(&self) {
-        until(&self.requested, || self.requests() >= 2).await;
+    /// Marks the moment the server stops accepting.
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Where the server is in its life.
+    pub(crate) fn phase(&self) -> Phase {
+        if self.is_stopped() {
+            Phase::Stopped
+        } else if self.draining.load(Ordering::SeqCst) {
+            Phase::Draining
+        } else if self.requests() > 0 {
+            Phase::DrainDelay
+        } else {
+            Phase::Serving
+        }
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
@@ -214,7 +266,7 @@ impl StopHandle {
     /// its reads against it to finish what it is doing, say goodbye and close before the
     /// shutdown timeout closes the connection for it.
     pub async fn stopping(&self) {
-        self.0.stop_requested().await;
+        self.0.requested(1).await;
     }
 }
 
@@ -252,7 +304,7 @@ mod tests {
         let lifecycle = Arc::new(Lifecycle::default());
         lifecycle.request();
         lifecycle.request();
-        future::block_on(lifecycle.hurried());
+        future::block_on(lifecycle.requested(2));
         let (ran, runs) = std::sync::mpsc::channel();
         lifecycle.set_stop(Box::new(move |_| ran.send(()).unwrap()));
         future::block_on(lifecycle.stopped());

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use super::stats::{CloseReason, ConnectionReport, RefusalReason, Stats};
 use crate::info::ConnectionInfo;
-use crate::stop::Tracker;
+
+use crate::stop::{Lifecycle, Phase, Tracker};
 
 /// The upper bounds, in seconds, of the connection-duration histogram's buckets.
 pub(crate) const DURATION_BUCKETS: [f64; 9] = [0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 600.0, 3600.0];
@@ -42,6 +43,8 @@ impl fmt::Debug for Hooks {
 pub(crate) struct Counters {
     started: Instant,
     tracker: Arc<Tracker>,
+    /// Where the server is in its life: serving, in its drain delay, draining, stopped.
+    lifecycle: Arc<Lifecycle>,
     pub(super) hooks: Hooks,
     accepted: AtomicU64,
     accept_errors: AtomicU64,
@@ -57,16 +60,18 @@ pub(crate) struct Counters {
 impl fmt::Debug for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Counters")
+            .field("phase", &self.phase())
             .field("stats", &self.snapshot())
             .finish_non_exhaustive()
     }
 }
 
 impl Counters {
-    pub(crate) fn new(tracker: Arc<Tracker>, hooks: Hooks) -> Arc<Self> {
+    pub(crate) fn new(tracker: Arc<Tracker>, lifecycle: Arc<Lifecycle>, hooks: Hooks) -> Arc<Self> {
         Arc::new(Counters {
             started: Instant::now(),
             tracker,
+            lifecycle,
             hooks,
             accepted: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
@@ -92,6 +97,11 @@ impl Counters {
     /// Counts a client accepted and then refused for `reason`, never served.
     pub(crate) fn count_refused(&self, reason: RefusalReason) {
         self.refused[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Where the server is in its life now.
+    pub(crate) fn phase(&self) -> Phase {
+        self.lifecycle.phase()
     }
 
     pub(crate) fn snapshot(&self) -> Stats {

@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_meter_adds_to_the_totals_every_64_kib_and_at_the_end() {
-        let counters = Counters::new(Arc::default(), Hooks::default());
+        let counters = Counters::new(Arc::default(), Arc::default(), Hooks::default());
         let info = ConnectionInfo {
             peer_addr: Addr::Inet("127.0.0.1:1".parse().unwrap()),
             local_addr: Addr::Inet("127.0.0.1:2".parse().unwrap()),

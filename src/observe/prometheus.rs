@@ -26,6 +26,7 @@ use smol::Timer;
 use super::counters::Counters;
 use super::stats::{CloseReason, RefusalReason};
 use crate::deadline::within;
+use crate::stop::Phase;
 use crate::transport::{Accepted, Listener, Stream};
 
 /// How long a scrape may take, from accept to the last byte of the answer.
@@ -257,7 +258,20 @@ impl Collector for Exported {
             "Seconds since the server started.",
             Some(&Unit::Seconds),
             stats.uptime.as_secs_f64(),
-        )
+        )?;
+        let phase = self.0.phase();
+        let mut family = encoder.encode_descriptor(
+            "phase",
+            "1 for the phase the server is in: serving, drain_delay (stopping, but still \
+             accepting while balancers take it out of rotation), draining, stopped.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for each in Phase::ALL {
+            ConstGauge::new(i64::from(each == phase))
+                .encode(family.encode_family(&[("phase", each.label())])?)?;
+        }
+        Ok(())
     }
 }
 
@@ -305,6 +319,7 @@ mod tests {
         let mut registry = Registry::with_prefix("taskserve");
         registry.register_collector(Box::new(Exported(Counters::new(
             Arc::default(),
+            Arc::default(),
             Hooks::default(),
         ))));
         registry
@@ -343,6 +358,8 @@ mod tests {
             "taskserve_connection_duration_seconds_bucket{le=\"+Inf\"} 0",
             "taskserve_connection_duration_seconds_count 0",
             "taskserve_uptime_seconds ",
+            "taskserve_phase{phase=\"serving\"} 1",
+            "taskserve_phase{phase=\"drain_delay\"} 0",
         ] {
             assert!(body.contains(name), "no {name:?} in:\n{body}");
         }

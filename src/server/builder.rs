@@ -40,9 +40,10 @@ pub struct Builder {
     pub(super) max_connections: usize,
     pub(super) idle_timeout: Option<Duration>,
     pub(super) shutdown_timeout: Duration,
+    pub(super) drain_delay: Duration,
     pub(super) backlog: u32,
     pub(super) stop_on_signals: bool,
-    /// Listeners besides the one `start` is given, in the order added.
+    /// Every listener, in the order added.
     pub(super) endpoints: Vec<Endpoint>,
     pub(super) tls_handshake_timeout: Duration,
     /// The connection hooks: a user's callbacks on each connection's start and end.
@@ -65,6 +66,7 @@ impl Default for Builder {
             max_connections: 10_000,
             idle_timeout: Some(Duration::from_secs(300)),
             shutdown_timeout: Duration::from_secs(10),
+            drain_delay: Duration::ZERO,
             backlog: 4096,
             stop_on_signals: false,
             endpoints: Vec::new(),
@@ -102,11 +104,11 @@ impl Builder {
     }
 
     /// How long a connection may go without activity before it is closed (default 300 s);
-    /// [`Duration::ZERO`] never closes one, as `echo --idle-timeout 0`. A connection is active when its handler is woken: data or a close
-    /// arrived, a blocked write made progress, or anything else the handler awaits happened (a
-    /// chat room's messages, say). So a client that stopped reading while its reply waits is
-    /// inactive too. It is closed between the timeout and an eighth more after its last
-    /// activity, give or take the time a busy worker takes to notice.
+    /// [`Duration::ZERO`] never closes one, as `echo --idle-timeout 0`. A connection is active when
+    /// its handler is woken: data or a close arrived, a blocked write made progress, or anything
+    /// else the handler awaits happened (a chat room's messages, say). So a client that stopped
+    /// reading while its reply waits is inactive too. It is closed between the timeout and an
+    /// eighth more after its last activity, give or take the time a busy worker takes to notice.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = (!timeout.is_zero()).then_some(timeout);
         self
@@ -119,6 +121,18 @@ impl Builder {
         self
     }
 
+    /// How long a stop keeps accepting and serving before it stops accepting (default zero: it
+    /// stops accepting at once): a "lame duck" period in which the server is not ready
+    /// ([`StopHandle::is_stopping`](crate::StopHandle::is_stopping) is true, the metrics
+    /// endpoint's `/readyz` answers 503, systemd has been told `STOPPING=1`), so that load
+    /// balancers take it out of rotation before it refuses anyone. A second stop request (or
+    /// signal) ends the delay early; a third closes open connections at once. The shutdown
+    /// timeout starts after the delay.
+    pub fn drain_delay(mut self, delay: Duration) -> Self {
+        self.drain_delay = delay;
+        self
+    }
+
     /// Connections the kernel may queue before they are accepted (default 4096; the kernel caps
     /// it at `net.core.somaxconn`). The usual 128 drops handshakes when thousands of clients
     /// connect at once.
@@ -127,14 +141,14 @@ impl Builder {
         self
     }
 
-    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`](crate::serve) says yes), each
-    /// counting as one [`StopHandle::stop`](crate::StopHandle::stop). SIGHUP, which closing a terminal sends, is then
-    /// logged and the server keeps serving. The handlers are in place when `start` returns, so
-    /// a script that waits for the server's address can signal it at once. See
-    /// [`Server::wait`](crate::Server::wait).
+    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`](crate::serve) says
+    /// yes), each counting as one [`StopHandle::stop`](crate::StopHandle::stop). SIGHUP, which
+    /// closing a terminal sends, is then logged and the server keeps serving. The handlers are in
+    /// place when `start` returns, so a script that waits for the server's address can signal it at
+    /// once. See [`Server::wait`](crate::Server::wait).
     ///
-    /// The handlers come from signal-hook, which cannot give a signal its default action back:
-    /// once the server has stopped, the process ignores SIGINT, SIGTERM and SIGHUP. Use it in a program
+    /// The handlers come from signal-hook, which cannot give a signal its default action back: once
+    /// the server has stopped, the process ignores SIGINT, SIGTERM and SIGHUP. Use it in a program
     /// that ends when its server does, as the `echo` binary.
     pub fn stop_on_signals(mut self, yes: bool) -> Self {
         self.stop_on_signals = yes;
@@ -255,11 +269,12 @@ impl Builder {
     }
 
     /// Serves the server's [`Stats`](crate::Stats) to Prometheus on `addr` (port 0 works; see
-    /// [`Server::metrics_addr`](crate::Server::metrics_addr)): `GET /metrics` in the Prometheus text format, 404 for any
-    /// other path and 405 for any other method. The endpoint runs on the server's executor but
-    /// is not a client listener: its connections are not limited by `max_connections` nor
-    /// counted in the stats, and each must send its request and take the answer within 10 s.
-    /// The address is resolved now and bound by `start`, which returns its errors.
+    /// [`Server::metrics_addr`](crate::Server::metrics_addr)): `GET /metrics` in the Prometheus
+    /// text format, 404 for any other path and 405 for any other method. The endpoint runs on the
+    /// server's executor but is not a client listener: its connections are not limited by
+    /// `max_connections` nor counted in the stats, and each must send its request and take the
+    /// answer within 10 s. The address is resolved now and bound by `start`, which returns its
+    /// errors.
     ///
     /// # Examples
     ///
@@ -375,7 +390,8 @@ impl Builder {
     /// # std::io::Result::Ok(())
     /// ```
     ///
-    /// `start` fails with [`io::ErrorKind::NotFound`](std::io::ErrorKind::NotFound) when none were passed.
+    /// `start` fails with [`io::ErrorKind::NotFound`](std::io::ErrorKind::NotFound) when none were
+    /// passed.
     #[cfg(unix)]
     pub fn listen_systemd(mut self) -> Self {
         self.endpoints.push(Endpoint::Systemd { tls: None });
@@ -389,9 +405,9 @@ impl Builder {
         self
     }
 
-    /// Tells systemd (through `NOTIFY_SOCKET`, when set) `READY=1` once the server serves,
-    /// and `STOPPING=1` when a stop begins, for a `Type=notify` service (default: no; [`serve`](crate::serve)
-    /// says yes). Only one server of a process should.
+    /// Tells systemd (through `NOTIFY_SOCKET`, when set) `READY=1` once the server serves, and
+    /// `STOPPING=1` when a stop begins, for a `Type=notify` service (default: no;
+    /// [`serve`](crate::serve) says yes). Only one server of a process should.
     pub fn notify_systemd(mut self, yes: bool) -> Self {
         self.notify_systemd = yes;
         self

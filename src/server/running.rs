@@ -68,6 +68,7 @@ impl fmt::Debug for Server {
         f.debug_struct("Server")
             .field("local_addrs", &self.local_addrs)
             .field("threads", &self.threads)
+            .field("phase", &self.lifecycle.phase())
             .field("connections", &self.connections())
             .finish_non_exhaustive()
     }
@@ -103,8 +104,8 @@ impl Server {
         &self.local_addrs
     }
 
-    /// Where the Prometheus endpoint ([`Builder::listen_metrics`]) listens, with the real port when it
-    /// was given port 0; `None` without one.
+    /// Where the Prometheus endpoint ([`Builder::listen_metrics`]) listens, with the real port when
+    /// it was given port 0; `None` without one.
     #[cfg(feature = "metrics")]
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -186,6 +187,36 @@ impl Server {
     }
 }
 
+/// The drain delay, on the stop's own thread: the server goes on accepting and serving for
+/// `delay` after a stop began (its readiness answers no meanwhile), so that load balancers take
+/// it out of rotation before it stops accepting. A further request ends the delay early.
+/// Returns how many requests in all then hurry the drain: one more than have come.
+pub(super) fn drain_delay(lifecycle: &Lifecycle, delay: Duration) -> usize {
+    if delay.is_zero() {
+        return 2;
+    }
+    info!(
+        "drain delay: accepting for {delay:?} more, while balancers see this server is not ready"
+    );
+    let asked_again = future::block_on(
+        async {
+            lifecycle.requested(2).await;
+            true
+        }
+        .or(async {
+            Timer::after(delay).await;
+            false
+        }),
+    );
+    if asked_again {
+        info!("asked again: drain delay cut short; no longer accepting");
+        3
+    } else {
+        info!("drain delay over; no longer accepting");
+        2
+    }
+}
+
 impl Running {
     /// Stops accepting, waits for open connections until they end, the shutdown timeout
     /// passes or `hurry` completes, then closes the rest and joins the workers.
@@ -242,9 +273,10 @@ impl Running {
 }
 
 impl Drop for Server {
-    /// Closes every connection at once: a stop asked for twice does not wait for them.
+    /// Closes every connection at once: a stop asked for three times waits for neither the
+    /// drain delay nor the connections.
     fn drop(&mut self) {
-        while self.lifecycle.requests() < 2 {
+        while self.lifecycle.requests() < 3 {
             self.lifecycle.request();
         }
         self.wait();

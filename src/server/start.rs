@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_executor::{Executor, Task};
 use async_signal::{Signal, Signals};
@@ -13,7 +14,7 @@ use smol::{channel, future};
 
 use super::accept::{accept_loop, Accepting};
 use super::builder::Builder;
-use super::running::{Running, Server};
+use super::running::{drain_delay, Running, Server};
 use super::signals::{forward_signals, Reload};
 use super::workers;
 use crate::conn::connection::{Connection, Handler};
@@ -91,7 +92,7 @@ impl Builder {
         if let Err(e) = started {
             return Err(core.abandon(running, e));
         }
-        core.set_stop(running, self.notify_systemd);
+        core.set_stop(running, self.notify_systemd, self.drain_delay);
         // At debug: the caller has the address from `local_addr` and says it where its users
         // look (`echo` prints it on stdout); `serve`, whose caller cannot, logs it at info.
         for (addr, transport) in server.local_addrs() {
@@ -189,9 +190,14 @@ impl Core {
             // Detached: dropping the executor at the end of a stop cancels it.
             executor.spawn(Arc::clone(idle).run()).detach();
         }
+        let lifecycle = Arc::new(Lifecycle::default());
         Core {
-            counters: Counters::new(Arc::clone(&tracker), builder.hooks.clone()),
-            lifecycle: Arc::new(Lifecycle::default()),
+            counters: Counters::new(
+                Arc::clone(&tracker),
+                Arc::clone(&lifecycle),
+                builder.hooks.clone(),
+            ),
+            lifecycle,
             executor,
             tracker,
             idle,
@@ -302,14 +308,17 @@ impl Core {
         Ok(())
     }
 
-    /// Sets what the first stop request runs: tell systemd, then take `running` apart.
-    fn set_stop(&self, running: Running, notify_systemd: bool) {
+    /// Sets what the first stop request runs: tell systemd, wait out the drain delay, then
+    /// take `running` apart.
+    fn set_stop(&self, running: Running, notify_systemd: bool, delay: Duration) {
         self.lifecycle.set_stop(Box::new(move |lifecycle| {
             info!("stopping");
             if notify_systemd {
                 notify_stopping();
             }
-            running.finish(lifecycle.hurried());
+            let hurry_at = drain_delay(lifecycle, delay);
+            lifecycle.set_draining();
+            running.finish(lifecycle.requested(hurry_at));
         }));
     }
 

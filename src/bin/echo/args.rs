@@ -33,6 +33,12 @@ pub struct Args {
     #[argh(option, default = "300")]
     pub idle_timeout: u64,
 
+    /// seconds a stop keeps accepting after SIGTERM or SIGINT, not ready meanwhile (/readyz
+    /// answers 503, systemd hears STOPPING=1), so that load balancers take this server out of
+    /// rotation before it refuses anyone; a second signal ends it early (default 0)
+    #[argh(option, default = "0")]
+    pub drain_delay: u64,
+
     /// seconds a stop waits for open connections before closing them (default 10)
     #[argh(option, default = "10")]
     pub shutdown_timeout: u64,

@@ -21,6 +21,7 @@ pub fn builder(args: &Args) -> io::Result<Builder> {
         .max_connections(args.max_connections)
         // 0 is "never", for the flag as for the builder.
         .idle_timeout(Duration::from_secs(args.idle_timeout))
+        .drain_delay(Duration::from_secs(args.drain_delay))
         .shutdown_timeout(Duration::from_secs(args.shutdown_timeout))
         .tls_handshake_timeout(Duration::from_secs(args.tls_handshake_timeout))
         // Installed before the listening lines are printed: a script may signal right after.
