@@ -56,6 +56,7 @@ pub struct Builder {
     pub(super) ipv6_client_prefix: u8,
     pub(super) reuse_port: bool,
     pub(super) keepalive: Option<Duration>,
+    pub(super) unix_mode: Option<u32>,
     pub(super) notify_systemd: bool,
 }
 
@@ -78,6 +79,7 @@ impl Default for Builder {
             ipv6_client_prefix: 64,
             reuse_port: false,
             keepalive: None,
+            unix_mode: None,
             notify_systemd: false,
         }
     }
@@ -204,6 +206,35 @@ impl Builder {
     #[cfg(unix)]
     pub fn listen_unix(mut self, path: impl AsRef<Path>) -> Self {
         self.endpoints.push(Endpoint::unix(path));
+        self
+    }
+
+    /// The permissions of the Unix socket files the server makes, as `chmod` takes them
+    /// (`0o600`: this user only; `0o660`: and its group; `0o666`: anyone), like systemd's
+    /// `SocketMode=` (default: as the process's umask leaves them). A socket file's permissions
+    /// are its access control: connecting needs write permission on it. The socket never has
+    /// other permissions, not even for a moment: it is bound and given its mode in a private
+    /// directory, then linked into place.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[cfg(unix)] {
+    /// use std::os::unix::fs::PermissionsExt;
+    ///
+    /// let path = std::env::temp_dir().join(format!("taskserve-mode-{}.sock", std::process::id()));
+    /// let server = taskserve::Server::builder()
+    ///     .unix_mode(0o600)
+    ///     .listen_unix(&path)
+    ///     .start(taskserve::echo)?;
+    /// assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+    /// server.stop();
+    /// # }
+    /// # std::io::Result::Ok(())
+    /// ```
+    #[cfg(unix)]
+    pub fn unix_mode(mut self, mode: u32) -> Self {
+        self.unix_mode = Some(mode);
         self
     }
 

@@ -138,6 +138,8 @@ impl Builder {
             "max_connections_per_ip must be at least 1"
         } else if self.ipv6_client_prefix > 128 {
             "ipv6_client_prefix must be at most 128"
+        } else if self.unix_mode.is_some_and(|mode| mode > 0o777) {
+            "unix_mode must be permission bits, at most 0o777"
         } else {
             return Ok(());
         };
@@ -150,6 +152,7 @@ impl Builder {
             proxy: self.proxy.clone(),
             reuse_port: self.reuse_port,
             keepalive: self.keepalive,
+            unix_mode: self.unix_mode,
         }
     }
 

@@ -56,7 +56,7 @@ impl Endpoint {
             }
             #[cfg(unix)]
             Endpoint::Unix(path) => {
-                let (listener, file) = unix::bind(path, options.backlog)?;
+                let (listener, file) = unix::bind(path, options.backlog, options.unix_mode)?;
                 Listener::unix(listener, Some(file))?
             }
             #[cfg(unix)]

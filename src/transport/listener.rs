@@ -28,6 +28,8 @@ pub(crate) struct ListenOptions {
     pub(crate) reuse_port: bool,
     /// TCP keepalive on accepted TCP connections: idle time before the first probe.
     pub(crate) keepalive: Option<Duration>,
+    /// The permissions of the Unix socket files it makes; the umask's if `None`.
+    pub(crate) unix_mode: Option<u32>,
 }
 
 impl ListenOptions {

@@ -70,6 +70,11 @@ pub struct Args {
     #[argh(option)]
     pub unix: Option<PathBuf>,
 
+    /// with --unix, the socket file's permissions in octal, as chmod and systemd's SocketMode=
+    /// take them: 600 this user only, 660 and its group, 666 anyone (default: the umask's)
+    #[argh(option, from_str_fn(octal_mode))]
+    pub unix_mode: Option<u32>,
+
     /// no plain TCP listener on --port: serve only --unix and --tls-port
     #[argh(switch)]
     pub no_tcp: bool,
@@ -131,6 +136,16 @@ fn thread_count(value: &str) -> Result<usize, String> {
         Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
         Ok(_) => Err(format!("must be from 1 to {MAX_THREADS}")),
         Err(e) => Err(format!("{e}")),
+    }
+}
+
+fn octal_mode(value: &str) -> Result<u32, String> {
+    let digits = value.strip_prefix("0o").unwrap_or(value);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{value:?} is not a file mode: octal permission bits such as 600 or 0660"
+        )),
     }
 }
 

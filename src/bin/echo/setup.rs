@@ -60,8 +60,10 @@ fn listeners(
     if let (Some(tls), Some(port)) = (&tls, args.tls_port) {
         builder = builder.listen_tls(&resolve(&args.host, port)?[..], tls.clone());
     }
-    if let Some(path) = &args.unix {
-        builder = listen_unix(builder, path)?;
+    match (&args.unix, args.unix_mode) {
+        (Some(path), mode) => builder = listen_unix(builder, path, mode)?,
+        (None, Some(_)) => return Err(usage("--unix-mode needs --unix, the socket it is for")),
+        (None, None) => {}
     }
     if let Some(addr) = &args.metrics {
         // Resolved now, so that an error names the flag.
@@ -180,12 +182,15 @@ fn proxy_protocol(args: &Args) -> io::Result<Option<taskserve::ProxyProtocol>> {
 }
 
 #[cfg(unix)]
-fn listen_unix(builder: taskserve::Builder, path: &Path) -> io::Result<taskserve::Builder> {
-    Ok(builder.listen_unix(path))
+fn listen_unix(builder: Builder, path: &Path, mode: Option<u32>) -> io::Result<Builder> {
+    Ok(match mode {
+        Some(mode) => builder.unix_mode(mode).listen_unix(path),
+        None => builder.listen_unix(path),
+    })
 }
 
 #[cfg(not(unix))]
-fn listen_unix(_: taskserve::Builder, _: &Path) -> io::Result<taskserve::Builder> {
+fn listen_unix(_: Builder, _: &Path, _: Option<u32>) -> io::Result<Builder> {
     Err(usage(
         "--unix: Unix sockets are not available on this system",
     ))
