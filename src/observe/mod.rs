@@ -3,6 +3,8 @@
 //! `metrics`).
 
 pub(crate) mod counters;
+#[cfg(feature = "metrics")]
+mod http;
 pub(crate) mod meter;
 #[cfg(feature = "metrics")]
 mod prometheus;

@@ -6,7 +6,6 @@
 //! a deadline of its own and a request of at most [`MAX_REQUEST`] bytes, and at most
 //! [`MAX_SCRAPES`] are answered at once, so a slow or hostile client of this port costs little.
 
-use std::fmt::Write as _;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use super::counters::Counters;
+use super::http::{self, Request, Response};
 use super::stats::{CloseReason, RefusalReason};
 use crate::deadline::within;
 use crate::transport::{Accepted, Listener, Stream};
@@ -91,11 +91,13 @@ async fn answer(mut stream: Stream, registry: &Registry) -> io::Result<()> {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            break Response::error(431, "Request Header Fields Too Large");
-        }
-        if let Some(end) = end_of_head(&head) {
-            break respond(&head[..end], registry);
+        // A head must end within its first MAX_REQUEST bytes, whatever came after them.
+        head.truncate(MAX_REQUEST);
+        match http::parse(&head) {
+            Some(Request::Metrics { head_only }) => break metrics(registry, head_only),
+            Some(Request::Refused(response)) => break response,
+            None if head.len() == MAX_REQUEST => break http::too_large(),
+            None => {}
         }
     };
     stream.write_all(&response.into_bytes()).await?;
@@ -103,91 +105,14 @@ async fn answer(mut stream: Stream, registry: &Registry) -> io::Result<()> {
     stream.close().await
 }
 
-/// Where the request head ends (at its blank line), if it has.
-fn end_of_head(head: &[u8]) -> Option<usize> {
-    let crlf = head.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = head.windows(2).position(|w| w == b"\n\n");
-    crlf.into_iter().chain(lf).min()
-}
-
-/// An HTTP/1.1 response, closed after it is sent.
-#[derive(Debug, PartialEq)]
-struct Response {
-    status: u16,
-    reason: &'static str,
-    headers: Vec<(&'static str, &'static str)>,
-    body: String,
-    /// Set for HEAD: the headers are those of the body, which is not sent.
-    head_only: bool,
-}
-
-impl Response {
-    fn error(status: u16, reason: &'static str) -> Response {
-        Response {
-            status,
-            reason,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8")],
-            body: format!("{status} {reason}\n"),
-            head_only: false,
-        }
-    }
-
-    fn into_bytes(self) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
-        for (name, value) in &self.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
-        }
-        let _ = write!(
-            head,
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.body.len()
-        );
-        let mut bytes = head.into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
-    }
-}
-
-/// The answer to a request head: the metrics for `GET /metrics` (or HEAD), 404 for another
-/// path, 405 for another method on it, 400 for what is not an HTTP/1.x request line.
-fn respond(head: &[u8], registry: &Registry) -> Response {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let Ok(line) = std::str::from_utf8(line) else {
-        return Response::error(400, "Bad Request");
-    };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::error(400, "Bad Request");
-    };
-    if !version.starts_with("HTTP/1.") || method.is_empty() {
-        return Response::error(400, "Bad Request");
-    }
-    let path = target.split('?').next().unwrap_or_default();
-    if path != "/metrics" {
-        return Response::error(404, "Not Found");
-    }
-    if method != "GET" && method != "HEAD" {
-        let mut response = Response::error(405, "Method Not Allowed");
-        response.headers.push(("Allow", "GET, HEAD"));
-        return response;
-    }
+/// The metrics in the Prometheus text format, or 500 if they cannot be encoded.
+fn metrics(registry: &Registry, head_only: bool) -> Response {
     let mut body = String::with_capacity(4096);
     if let Err(e) = prometheus_text::encode(&mut body, registry) {
         debug!("metrics: cannot encode: {e}");
         return Response::error(500, "Internal Server Error");
     }
-    Response {
-        status: 200,
-        reason: "OK",
-        headers: vec![("Content-Type", prometheus_text::CONTENT_TYPE)],
-        body,
-        head_only: method == "HEAD",
-    }
+    Response::ok(prometheus_text::CONTENT_TYPE, body, head_only)
 }
 
 /// The server's counters as Prometheus metrics, read afresh at each scrape.
@@ -310,28 +235,9 @@ mod tests {
         registry
     }
 
-    fn status(request: &str) -> u16 {
-        respond(request.as_bytes(), &registry()).status
-    }
-
-    #[test]
-    fn only_get_or_head_of_metrics_is_answered_with_the_metrics() {
-        assert_eq!(status("GET /metrics HTTP/1.1\r\nHost: x\r\n"), 200);
-        assert_eq!(status("GET /metrics?x=1 HTTP/1.0"), 200);
-        assert_eq!(status("HEAD /metrics HTTP/1.1"), 200);
-        assert_eq!(status("GET / HTTP/1.1"), 404);
-        assert_eq!(status("GET /metricsx HTTP/1.1"), 404);
-        assert_eq!(status("POST /metrics HTTP/1.1"), 405);
-        assert_eq!(status("DELETE /metrics HTTP/1.1"), 405);
-        assert_eq!(status("GET /metrics"), 400);
-        assert_eq!(status("GET /metrics SPDY/3"), 400);
-        assert_eq!(status("GET  /metrics HTTP/1.1"), 400);
-        assert_eq!(status("\u{0}\u{ff}"), 400);
-    }
-
     #[test]
     fn metrics_have_the_documented_names() {
-        let body = respond(b"GET /metrics HTTP/1.1", &registry()).body;
+        let body = metrics(&registry(), false).body;
         for name in [
             "taskserve_connections_open 0",
             "taskserve_connections_accepted_total 0",
@@ -346,12 +252,5 @@ mod tests {
         ] {
             assert!(body.contains(name), "no {name:?} in:\n{body}");
         }
-    }
-
-    #[test]
-    fn the_head_ends_at_its_blank_line() {
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\r\nA: b\r\n\r\n"), Some(20));
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\r\n"), None);
     }
 }
