@@ -388,6 +388,58 @@ fn malformed_requests_get_400_at_once_and_the_absolute_form_is_served() {
     server.stop();
 }
 
+/// Opens connections to `addr` that send one byte and no more, until `held` has `count`
+/// still open (the server may have closed some since the last call).
+fn hold_stalled(addr: SocketAddr, held: &mut Vec<TcpStream>, count: usize) {
+    held.retain(|stream| {
+        stream.set_nonblocking(true).unwrap();
+        let mut byte = [0];
+        let open = matches!(stream.peek(&mut byte), Err(e) if timed_out(&e));
+        stream.set_nonblocking(false).unwrap();
+        open
+    });
+    while held.len() < count {
+        let mut stream = connect(addr);
+        stream.write_all(b"G").unwrap();
+        held.push(stream);
+    }
+}
+
+/// The status of one scrape, or `None` if the connection ended without one.
+fn try_scrape(addr: SocketAddr) -> Option<u16> {
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn scrapes_are_answered_while_64_stalled_connections_are_held_open() {
+    let server = Server::builder()
+        .threads(2)
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
+        .unwrap();
+    let metrics = server.metrics_addr().unwrap();
+    let mut stalled = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        hold_stalled(metrics, &mut stalled, 64);
+        statuses.push(try_scrape(metrics));
+    }
+    let answered = statuses.iter().filter(|&&s| s == Some(200)).count();
+    assert!(
+        answered >= 9,
+        "{answered} of 10 scrapes answered: {statuses:?}"
+    );
+    server.stop();
+}
+
 #[test]
 fn echo_serves_metrics_and_prints_their_address_with_the_listening_lines() {
     let mut echo = EchoProcess::start(&["--threads", "1", "--quiet", "--metrics", "127.0.0.1:0"]);

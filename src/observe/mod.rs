@@ -8,6 +8,8 @@ mod http;
 pub(crate) mod meter;
 #[cfg(feature = "metrics")]
 mod prometheus;
+#[cfg(feature = "metrics")]
+mod scrapes;
 pub(crate) mod stats;
 
 #[cfg(feature = "metrics")]

@@ -2,12 +2,19 @@
 //! [`Stats`](crate::Stats) in the Prometheus text format, on the server's executor.
 //!
 //! It is not a client listener: its connections take no slot under `max_connections`, are not
-//! in `Server::connections` or the stats, and get no idle timeout or hooks. Instead each one has
-//! a deadline of its own and a request of at most [`MAX_REQUEST`] bytes, and at most
-//! [`MAX_SCRAPES`] are answered at once, so a slow or hostile client of this port costs little.
+//! in `Server::connections` or the stats, and get no idle timeout or hooks. Instead it guards
+//! itself, so that a slow or hostile client of this port costs little and blinds no one:
+//!
+//! - a request head must come within [`HEAD_DEADLINE`] (else 408) and in at most
+//!   [`MAX_REQUEST`] bytes (else 431); the answer then has [`ANSWER_DEADLINE`] to be taken;
+//! - at most [`MAX_SCRAPES`] are served at once; when all are taken, a new connection takes the
+//!   slot of the oldest one still waiting for its request, which gets 503 (see
+//!   [`scrapes`](super::scrapes)); a new one is refused with 503 only when every slot is
+//!   answering;
+//! - after an answer, what the client still sends is read and dropped for up to [`LINGER`],
+//!   so that a close does not reset the connection before the client has read the answer.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,23 +26,35 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use super::counters::Counters;
 use super::http::{self, Request, Response};
+use super::scrapes::{Slot, Slots};
 use super::stats::{CloseReason, RefusalReason};
+use crate::addr::Addr;
 use crate::deadline::within;
 use crate::transport::{Accepted, Listener, Stream};
 
-/// How long a scrape may take, from accept to the last byte of the answer.
-const DEADLINE: Duration = Duration::from_secs(10);
+/// How long a scrape has to send its request head, from accept. Prometheus sends it at once;
+/// 3 s covers a lost segment's retransmission.
+const HEAD_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long a client has to take its answer once the request is read.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The longest request head read; a longer one gets 431.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Scrapes answered at once; past it, a new one is closed at once. Prometheus makes one at a time.
+/// Scrapes served at once. Prometheus makes one at a time.
 const MAX_SCRAPES: usize = 16;
+
+/// How long, and how many bytes, what a client sends after its answer is read and dropped
+/// before the connection is closed.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Answers scrapes from `listener` until cancelled (by the server's stop, with its accept
 /// loops).
@@ -47,7 +66,7 @@ pub(crate) async fn serve_metrics(
     let mut registry = Registry::with_prefix("taskserve");
     registry.register_collector(Box::new(Exported(counters)));
     let registry = Arc::new(registry);
-    let scrapes = Arc::new(AtomicUsize::new(0));
+    let slots = Slots::new(MAX_SCRAPES);
     loop {
         let Accepted { stream, info } = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -59,33 +78,89 @@ pub(crate) async fn serve_metrics(
                 continue;
             }
         };
-        if scrapes.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPES {
-            scrapes.fetch_sub(1, Ordering::AcqRel);
-            debug!(
-                "metrics: {}: refused: {MAX_SCRAPES} scrapes open",
-                info.peer_addr
-            );
-            continue;
-        }
-        let (registry, scrapes) = (Arc::clone(&registry), Arc::clone(&scrapes));
+        let slot = slots.admit();
+        let registry = Arc::clone(&registry);
         executor
-            .spawn(async move {
-                let answered =
-                    within(DEADLINE, "no request answered", answer(stream, &registry)).await;
-                if let Err(e) = answered {
-                    debug!("metrics: {}: {e}", info.peer_addr);
-                }
-                scrapes.fetch_sub(1, Ordering::AcqRel);
-            })
+            .spawn(scrape(stream, slot, registry, info.peer_addr))
             .detach();
     }
 }
 
-/// Reads one request and answers it, then closes: one scrape per connection.
-async fn answer(mut stream: Stream, registry: &Registry) -> io::Result<()> {
+/// One connection to the endpoint: its request read (if it has a slot) and answered, then
+/// closed. One scrape per connection.
+async fn scrape(mut stream: Stream, slot: Option<Slot>, registry: Arc<Registry>, peer: Addr) {
+    let response = match &slot {
+        Some(slot) => match read_request(&mut stream, slot, &registry).await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!("metrics: {peer}: {e}");
+                return;
+            }
+        },
+        None => {
+            debug!("metrics: {peer}: refused: {MAX_SCRAPES} scrapes being answered");
+            unavailable()
+        }
+    };
+    if response.status != 200 {
+        debug!("metrics: {peer}: answered {}", response.status);
+    }
+    let sent = within(
+        ANSWER_DEADLINE,
+        "answer not taken",
+        send(&mut stream, response),
+    )
+    .await;
+    // The slot is for reading and answering; the linger is bounded on its own.
+    drop(slot);
+    match sent {
+        Ok(()) => linger(&mut stream).await,
+        Err(e) => debug!("metrics: {peer}: {e}"),
+    }
+}
+
+/// Reads the request head, within [`HEAD_DEADLINE`] and unless a newer connection takes the
+/// slot first; returns the response it gets (408 for a head too late, 503 for an evicted one),
+/// or an error if the client closed or failed.
+async fn read_request(
+    stream: &mut Stream,
+    slot: &Slot,
+    registry: &Registry,
+) -> io::Result<Response> {
+    let reading = async {
+        let head = within(HEAD_DEADLINE, "no request head", read_head(stream)).await;
+        head.map(Some)
+    };
+    let evicted = async {
+        slot.evicted().await;
+        Ok(None)
+    };
+    match reading.or(evicted).await {
+        Ok(Some(request)) => {
+            slot.answering();
+            Ok(match request {
+                Request::Metrics { head_only } => metrics(registry, head_only),
+                Request::Refused(response) => response,
+            })
+        }
+        Ok(None) => Ok(unavailable()),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            Ok(Response::error(408, "Request Timeout"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// 503, for a connection that found every slot taken, or whose slot a newer one took.
+fn unavailable() -> Response {
+    Response::error(503, "Service Unavailable")
+}
+
+/// Reads until the request head is complete or known to be bad.
+async fn read_head(stream: &mut Stream) -> io::Result<Request> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0; 1024];
-    let response = loop {
+    loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -94,15 +169,38 @@ async fn answer(mut stream: Stream, registry: &Registry) -> io::Result<()> {
         // A head must end within its first MAX_REQUEST bytes, whatever came after them.
         head.truncate(MAX_REQUEST);
         match http::parse(&head) {
-            Some(Request::Metrics { head_only }) => break metrics(registry, head_only),
-            Some(Request::Refused(response)) => break response,
-            None if head.len() == MAX_REQUEST => break http::too_large(),
+            Some(request) => return Ok(request),
+            None if head.len() == MAX_REQUEST => return Ok(Request::Refused(http::too_large())),
             None => {}
         }
-    };
+    }
+}
+
+/// Sends `response` and shuts the sending side.
+async fn send(stream: &mut Stream, response: Response) -> io::Result<()> {
     stream.write_all(&response.into_bytes()).await?;
     stream.flush().await?;
     stream.close().await
+}
+
+/// Reads and drops what the client still sends, until it closes, for at most [`LINGER`] and
+/// [`LINGER_BYTES`]: closing a socket with unread bytes resets the connection, and a reset
+/// can reach the client before it has read its answer.
+async fn linger(stream: &mut Stream) {
+    let draining = async {
+        let mut buf = [0; 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let timeout = async {
+        Timer::after(LINGER).await;
+    };
+    draining.or(timeout).await;
 }
 
 /// The metrics in the Prometheus text format, or 500 if they cannot be encoded.
