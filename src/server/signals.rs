@@ -1,5 +1,7 @@
-//! Signals, for a server built with `stop_on_signals`: SIGINT and SIGTERM ask it to stop, and
-//! SIGHUP (what closing a terminal sends) reloads the TLS certificates instead of killing it.
+//! Signals, for a server built with `stop_on_signals`: SIGINT and SIGTERM ask it to stop;
+//! SIGHUP (what closing a terminal sends) reloads the TLS certificates instead of killing it;
+//! SIGUSR1, SIGUSR2 and SIGALRM, whose default action would also kill it silently, are logged
+//! and ignored.
 
 use std::io;
 use std::sync::Arc;
@@ -11,8 +13,19 @@ use smol::stream::StreamExt;
 use crate::stop::Lifecycle;
 use crate::transport::tls::TlsConfig;
 
-/// Turns SIGINT and SIGTERM into stop requests, and logs SIGHUP, for as long as the server runs. Spawned on the
-/// server's executor, so that signals count during a stop's drain too.
+/// The signals handled: every other keeps its default action.
+pub(super) const HANDLED: [Signal; 6] = [
+    Signal::Int,
+    Signal::Term,
+    Signal::Hup,
+    Signal::Usr1,
+    Signal::Usr2,
+    Signal::Alarm,
+];
+
+/// Turns SIGINT and SIGTERM into stop requests and SIGHUP into a reload, and logs the others,
+/// for as long as the server runs. Spawned on the server's executor, so that signals count
+/// during a stop's drain too.
 pub(super) async fn forward_signals(
     mut signals: Signals,
     lifecycle: Arc<Lifecycle>,
@@ -27,6 +40,13 @@ pub(super) async fn forward_signals(
                 reload.on_hangup();
                 continue;
             }
+            Ok(ignored @ (Signal::Usr1 | Signal::Usr2 | Signal::Alarm)) => {
+                warn!(
+                    "received {}: ignored, it has no meaning here",
+                    name(ignored)
+                );
+                continue;
+            }
             Ok(other) => info!("received {other:?}"),
             Err(e) => {
                 warn!("cannot read signals: {e}");
@@ -34,6 +54,16 @@ pub(super) async fn forward_signals(
             }
         }
         lifecycle.request();
+    }
+}
+
+/// `SIGUSR1`, as people write it (`Signal`'s `Debug` says `Usr1`).
+fn name(signal: Signal) -> &'static str {
+    match signal {
+        Signal::Usr1 => "SIGUSR1",
+        Signal::Usr2 => "SIGUSR2",
+        Signal::Alarm => "SIGALRM",
+        _ => "a signal",
     }
 }
 

@@ -7,14 +7,14 @@ use std::io;
 use std::sync::Arc;
 
 use async_executor::{Executor, Task};
-use async_signal::{Signal, Signals};
+use async_signal::Signals;
 use log::{debug, info};
 use smol::{channel, future};
 
 use super::accept::{accept_loop, Accepting};
 use super::builder::Builder;
 use super::running::{Running, Server};
-use super::signals::{forward_signals, Reload};
+use super::signals::{forward_signals, Reload, HANDLED};
 use super::workers;
 use crate::conn::connection::{Connection, Handler};
 use crate::conn::stages::Service;
@@ -291,7 +291,7 @@ impl Core {
 
     /// SIGINT and SIGTERM as stop requests, SIGHUP as a reload, for as long as the server runs.
     fn forward_signals(&self, server: &Server) -> io::Result<()> {
-        let signals = Signals::new([Signal::Int, Signal::Term, Signal::Hup]).map_err(|e| {
+        let signals = Signals::new(HANDLED).map_err(|e| {
             io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
         })?;
         let reload = Reload {
