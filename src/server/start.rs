@@ -289,16 +289,20 @@ impl Core {
         self.executor.spawn(serving)
     }
 
-    /// SIGINT and SIGTERM as stop requests, SIGHUP as a reload, for as long as the server runs.
+    /// SIGINT and SIGTERM as stop requests, SIGHUP as a reload (in a task of its own, so that
+    /// signals are handled while it runs), for as long as the server runs.
     fn forward_signals(&self, server: &Server) -> io::Result<()> {
         let signals = Signals::new(HANDLED).map_err(|e| {
             io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
         })?;
+        // One reload may wait while another runs; more SIGHUPs meanwhile add nothing.
+        let (hangup, hangups) = smol::channel::bounded(1);
         let reload = Reload {
             tls: server.tls.clone(),
         };
-        let forwarding = forward_signals(signals, Arc::clone(&self.lifecycle), reload);
+        let forwarding = forward_signals(signals, Arc::clone(&self.lifecycle), hangup);
         self.executor.spawn(forwarding).detach();
+        self.executor.spawn(reload.on_hangups(hangups)).detach();
         Ok(())
     }
 
