@@ -312,17 +312,20 @@ fn other_paths_get_404_other_methods_405_and_garbage_400() {
     let metrics = server.metrics_addr().unwrap();
     let status = |request: &str| http(metrics, request).0;
     assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 404);
-    assert_eq!(status("GET /metrics/x HTTP/1.1\r\n\r\n"), 404);
+    assert_eq!(status("GET /metrics/x HTTP/1.1\r\nHost: x\r\n\r\n"), 404);
     assert_eq!(
-        status("POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),
+        status("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
         405
     );
-    assert_eq!(status("PUT /metrics HTTP/1.1\r\n\r\n"), 405);
+    assert_eq!(status("PUT /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), 405);
     assert_eq!(status("hello\r\n\r\n"), 400);
-    let (code, body) = http(metrics, "HEAD /metrics HTTP/1.1\r\n\r\n");
+    let (code, body) = http(metrics, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!((code, body.as_str()), (200, ""));
     // A request head past 8 KiB is cut short.
-    let long = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    let long = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
     let mut stream = connect(metrics);
     let _ = stream.write_all(long.as_bytes()); // the server may close before taking it all
     let mut answer = String::new();
@@ -337,6 +340,104 @@ fn other_paths_get_404_other_methods_405_and_garbage_400() {
         0
     );
     assert_eq!(server.stats().accepted, 0);
+    server.stop();
+}
+
+/// Each request is answered at once with its status, without waiting for more bytes: the
+/// client keeps its side open, as a stalled client would.
+#[test]
+fn malformed_requests_get_400_at_once_and_the_absolute_form_is_served() {
+    let server = Server::builder()
+        .threads(1)
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
+        .unwrap();
+    let metrics = server.metrics_addr().unwrap();
+    let cases: [(&[u8], u16); 10] = [
+        // HTTP/0.9: a request line without a version.
+        (b"GET /metrics\n", 400),
+        (b"GET /metrics\r\n", 400),
+        // A head whose lines end in bare CRs.
+        (b"GET /metrics HTTP/1.1\rHost: x\r\r", 400),
+        // RFC 9112 3.2: HTTP/1.1 needs exactly one Host.
+        (b"GET /metrics HTTP/1.1\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.9\r\nHost: x\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1garbage\r\nHost: x\r\n\r\n", 400),
+        (b"G\x01T /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        // RFC 9112 3.2.2: a server must accept the absolute form.
+        (b"GET http://x/metrics HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        (b"GET /metrics HTTP/1.0\r\n\r\n", 200),
+    ];
+    for (request, expected) in cases {
+        let shown = String::from_utf8_lossy(request);
+        let mut stream = connect(metrics);
+        stream.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let start = std::time::Instant::now();
+        let read = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split(' ').nth(1).unwrap_or_default();
+        assert_eq!(
+            status,
+            expected.to_string(),
+            "{shown:?} after {:?}: {read:?} {answer:?}",
+            start.elapsed()
+        );
+    }
+    server.stop();
+}
+
+/// Opens connections to `addr` that send one byte and no more, until `held` has `count`
+/// still open (the server may have closed some since the last call).
+fn hold_stalled(addr: SocketAddr, held: &mut Vec<TcpStream>, count: usize) {
+    held.retain(|stream| {
+        stream.set_nonblocking(true).unwrap();
+        let mut byte = [0];
+        let open = matches!(stream.peek(&mut byte), Err(e) if timed_out(&e));
+        stream.set_nonblocking(false).unwrap();
+        open
+    });
+    while held.len() < count {
+        let mut stream = connect(addr);
+        stream.write_all(b"G").unwrap();
+        held.push(stream);
+    }
+}
+
+/// The status of one scrape, or `None` if the connection ended without one.
+fn try_scrape(addr: SocketAddr) -> Option<u16> {
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    answer.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn scrapes_are_answered_while_64_stalled_connections_are_held_open() {
+    let server = Server::builder()
+        .threads(2)
+        .listen_metrics("127.0.0.1:0")
+        .listen_tcp("127.0.0.1:0")
+        .start(taskserve::echo)
+        .unwrap();
+    let metrics = server.metrics_addr().unwrap();
+    let mut stalled = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        hold_stalled(metrics, &mut stalled, 64);
+        statuses.push(try_scrape(metrics));
+    }
+    let answered = statuses.iter().filter(|&&s| s == Some(200)).count();
+    assert!(
+        answered >= 9,
+        "{answered} of 10 scrapes answered: {statuses:?}"
+    );
     server.stop();
 }
 

@@ -220,6 +220,56 @@ fn malformed_headers_are_closed_and_the_server_keeps_serving() {
     round_trip(&mut client, b"still serving");
 }
 
+/// The fixed 16 bytes of a v2 header that announces `length` bytes more, and none of them.
+fn v2_announcing(length: u16) -> Vec<u8> {
+    let mut header = proxy_v2(None, &[]);
+    header[14..16].copy_from_slice(&length.to_be_bytes());
+    header
+}
+
+#[test]
+fn a_v2_header_announcing_more_than_a_load_balancer_sends_is_closed_at_once() {
+    // A deadline beyond the test's patience: only the announced length can close it in time.
+    let (server, reports) = start_proxied(ProxyProtocol::new().timeout(Duration::from_secs(600)));
+    let mut greedy = connect(server.local_addr().unwrap());
+    greedy.write_all(&v2_announcing(u16::MAX)).unwrap();
+    wait_for_close(&mut greedy, PATIENCE).expect("closed for the length it announced");
+
+    // A TLV as long as HAProxy allows one to be (1,024 bytes) is served.
+    let tlv = vec![b'u'; 1024];
+    let mut client = connect(server.local_addr().unwrap());
+    let source = addr("192.0.2.5:5000");
+    let header = proxy_v2(
+        Some((source, server.local_addr().unwrap())),
+        &[(0xE0, &tlv)],
+    );
+    client.write_all(&header).unwrap();
+    round_trip(&mut client, b"served");
+    let info = reported(&reports);
+    assert_eq!(info.peer_addr, Addr::Inet(source));
+    assert_eq!(info.proxy.unwrap().tlvs, vec![(0xE0, tlv)]);
+}
+
+#[test]
+fn a_thousand_v2_headers_announcing_64_kib_leave_no_memory_behind() {
+    let args = ["--proxy-protocol", "--proxy-timeout", "600", "--quiet"];
+    let server = EchoProcess::start(&args);
+    let before = server.rss_kib();
+    let mut greedy: Vec<_> = (0..1000)
+        .map(|_| {
+            let mut stream = connect(server.addr);
+            stream.write_all(&v2_announcing(u16::MAX)).unwrap();
+            stream
+        })
+        .collect();
+    for stream in &mut greedy {
+        wait_for_close(stream, PATIENCE).expect("closed for the length it announced");
+    }
+    let grown = server.rss_kib().saturating_sub(before);
+    // Reserving each announced 64 KiB took about 70 MB, and most of it stayed.
+    assert!(grown < 16 * 1024, "RSS grew by {grown} KiB");
+}
+
 #[test]
 fn without_the_option_a_header_is_data_like_any_other() {
     let server = start_echo();

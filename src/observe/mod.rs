@@ -3,9 +3,13 @@
 //! `metrics`).
 
 pub(crate) mod counters;
+#[cfg(feature = "metrics")]
+mod http;
 pub(crate) mod meter;
 #[cfg(feature = "metrics")]
 mod prometheus;
+#[cfg(feature = "metrics")]
+mod scrapes;
 pub(crate) mod stats;
 
 #[cfg(feature = "metrics")]

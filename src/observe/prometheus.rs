@@ -2,13 +2,19 @@
 //! [`Stats`](crate::Stats) in the Prometheus text format, on the server's executor.
 //!
 //! It is not a client listener: its connections take no slot under `max_connections`, are not
-//! in `Server::connections` or the stats, and get no idle timeout or hooks. Instead each one has
-//! a deadline of its own and a request of at most [`MAX_REQUEST`] bytes, and at most
-//! [`MAX_SCRAPES`] are answered at once, so a slow or hostile client of this port costs little.
+//! in `Server::connections` or the stats, and get no idle timeout or hooks. Instead it guards
+//! itself, so that a slow or hostile client of this port costs little and blinds no one:
+//!
+//! - a request head must come within [`HEAD_DEADLINE`] (else 408) and in at most
+//!   [`MAX_REQUEST`] bytes (else 431); the answer then has [`ANSWER_DEADLINE`] to be taken;
+//! - at most [`MAX_SCRAPES`] are served at once; when all are taken, a new connection takes the
+//!   slot of the oldest one still waiting for its request, which gets 503 (see
+//!   [`scrapes`](super::scrapes)); a new one is refused with 503 only when every slot is
+//!   answering;
+//! - after an answer, what the client still sends is read and dropped for up to [`LINGER`],
+//!   so that a close does not reset the connection before the client has read the answer.
 
-use std::fmt::Write as _;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,23 +26,36 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use super::counters::Counters;
+use super::http::{self, Request, Response};
+use super::scrapes::{Slot, Slots};
 use super::stats::{CloseReason, RefusalReason};
+use crate::addr::Addr;
 use crate::deadline::within;
 use crate::stop::Phase;
 use crate::transport::{Accepted, Listener, Stream};
 
-/// How long a scrape may take, from accept to the last byte of the answer.
-const DEADLINE: Duration = Duration::from_secs(10);
+/// How long a scrape has to send its request head, from accept. Prometheus sends it at once;
+/// 3 s covers a lost segment's retransmission.
+const HEAD_DEADLINE: Duration = Duration::from_secs(3);
+
+/// How long a client has to take its answer once the request is read.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The longest request head read; a longer one gets 431.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Scrapes answered at once; past it, a new one is closed at once. Prometheus makes one at a time.
+/// Scrapes served at once. Prometheus makes one at a time.
 const MAX_SCRAPES: usize = 16;
+
+/// How long, and how many bytes, what a client sends after its answer is read and dropped
+/// before the connection is closed.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Answers scrapes from `listener` until cancelled (by the server's stop, with its accept
 /// loops).
@@ -48,7 +67,7 @@ pub(crate) async fn serve_metrics(
     let mut registry = Registry::with_prefix("taskserve");
     registry.register_collector(Box::new(Exported(counters)));
     let registry = Arc::new(registry);
-    let scrapes = Arc::new(AtomicUsize::new(0));
+    let slots = Slots::new(MAX_SCRAPES);
     loop {
         let Accepted { stream, info } = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -60,135 +79,139 @@ pub(crate) async fn serve_metrics(
                 continue;
             }
         };
-        if scrapes.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPES {
-            scrapes.fetch_sub(1, Ordering::AcqRel);
-            debug!(
-                "metrics: {}: refused: {MAX_SCRAPES} scrapes open",
-                info.peer_addr
-            );
-            continue;
-        }
-        let (registry, scrapes) = (Arc::clone(&registry), Arc::clone(&scrapes));
+        let slot = slots.admit();
+        let registry = Arc::clone(&registry);
         executor
-            .spawn(async move {
-                let answered =
-                    within(DEADLINE, "no request answered", answer(stream, &registry)).await;
-                if let Err(e) = answered {
-                    debug!("metrics: {}: {e}", info.peer_addr);
-                }
-                scrapes.fetch_sub(1, Ordering::AcqRel);
-            })
+            .spawn(scrape(stream, slot, registry, info.peer_addr))
             .detach();
     }
 }
 
-/// Reads one request and answers it, then closes: one scrape per connection.
-async fn answer(mut stream: Stream, registry: &Registry) -> io::Result<()> {
+/// One connection to the endpoint: its request read (if it has a slot) and answered, then
+/// closed. One scrape per connection.
+async fn scrape(mut stream: Stream, slot: Option<Slot>, registry: Arc<Registry>, peer: Addr) {
+    let response = match &slot {
+        Some(slot) => match read_request(&mut stream, slot, &registry).await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!("metrics: {peer}: {e}");
+                return;
+            }
+        },
+        None => {
+            debug!("metrics: {peer}: refused: {MAX_SCRAPES} scrapes being answered");
+            unavailable()
+        }
+    };
+    if response.status != 200 {
+        debug!("metrics: {peer}: answered {}", response.status);
+    }
+    let sent = within(
+        ANSWER_DEADLINE,
+        "answer not taken",
+        send(&mut stream, response),
+    )
+    .await;
+    // The slot is for reading and answering; the linger is bounded on its own.
+    drop(slot);
+    match sent {
+        Ok(()) => linger(&mut stream).await,
+        Err(e) => debug!("metrics: {peer}: {e}"),
+    }
+}
+
+/// Reads the request head, within [`HEAD_DEADLINE`] and unless a newer connection takes the
+/// slot first; returns the response it gets (408 for a head too late, 503 for an evicted one),
+/// or an error if the client closed or failed.
+async fn read_request(
+    stream: &mut Stream,
+    slot: &Slot,
+    registry: &Registry,
+) -> io::Result<Response> {
+    let reading = async {
+        let head = within(HEAD_DEADLINE, "no request head", read_head(stream)).await;
+        head.map(Some)
+    };
+    let evicted = async {
+        slot.evicted().await;
+        Ok(None)
+    };
+    match reading.or(evicted).await {
+        Ok(Some(request)) => {
+            slot.answering();
+            Ok(match request {
+                Request::Metrics { head_only } => metrics(registry, head_only),
+                Request::Refused(response) => response,
+            })
+        }
+        Ok(None) => Ok(unavailable()),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            Ok(Response::error(408, "Request Timeout"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// 503, for a connection that found every slot taken, or whose slot a newer one took.
+fn unavailable() -> Response {
+    Response::error(503, "Service Unavailable")
+}
+
+/// Reads until the request head is complete or known to be bad.
+async fn read_head(stream: &mut Stream) -> io::Result<Request> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0; 1024];
-    let response = loop {
+    loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            break Response::error(431, "Request Header Fields Too Large");
+        // A head must end within its first MAX_REQUEST bytes, whatever came after them.
+        head.truncate(MAX_REQUEST);
+        match http::parse(&head) {
+            Some(request) => return Ok(request),
+            None if head.len() == MAX_REQUEST => return Ok(Request::Refused(http::too_large())),
+            None => {}
         }
-        if let Some(end) = end_of_head(&head) {
-            break respond(&head[..end], registry);
-        }
-    };
+    }
+}
+
+/// Sends `response` and shuts the sending side.
+async fn send(stream: &mut Stream, response: Response) -> io::Result<()> {
     stream.write_all(&response.into_bytes()).await?;
     stream.flush().await?;
     stream.close().await
 }
 
-/// Where the request head ends (at its blank line), if it has.
-fn end_of_head(head: &[u8]) -> Option<usize> {
-    let crlf = head.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = head.windows(2).position(|w| w == b"\n\n");
-    crlf.into_iter().chain(lf).min()
-}
-
-/// An HTTP/1.1 response, closed after it is sent.
-#[derive(Debug, PartialEq)]
-struct Response {
-    status: u16,
-    reason: &'static str,
-    headers: Vec<(&'static str, &'static str)>,
-    body: String,
-    /// Set for HEAD: the headers are those of the body, which is not sent.
-    head_only: bool,
-}
-
-impl Response {
-    fn error(status: u16, reason: &'static str) -> Response {
-        Response {
-            status,
-            reason,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8")],
-            body: format!("{status} {reason}\n"),
-            head_only: false,
+/// Reads and drops what the client still sends, until it closes, for at most [`LINGER`] and
+/// [`LINGER_BYTES`]: closing a socket with unread bytes resets the connection, and a reset
+/// can reach the client before it has read its answer.
+async fn linger(stream: &mut Stream) {
+    let draining = async {
+        let mut buf = [0; 1024];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
         }
-    }
-
-    fn into_bytes(self) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
-        for (name, value) in &self.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
-        }
-        let _ = write!(
-            head,
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.body.len()
-        );
-        let mut bytes = head.into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
-    }
-}
-
-/// The answer to a request head: the metrics for `GET /metrics` (or HEAD), 404 for another
-/// path, 405 for another method on it, 400 for what is not an HTTP/1.x request line.
-fn respond(head: &[u8], registry: &Registry) -> Response {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let Ok(line) = std::str::from_utf8(line) else {
-        return Response::error(400, "Bad Request");
     };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::error(400, "Bad Request");
+    let timeout = async {
+        Timer::after(LINGER).await;
     };
-    if !version.starts_with("HTTP/1.") || method.is_empty() {
-        return Response::error(400, "Bad Request");
-    }
-    let path = target.split('?').next().unwrap_or_default();
-    if path != "/metrics" {
-        return Response::error(404, "Not Found");
-    }
-    if method != "GET" && method != "HEAD" {
-        let mut response = Response::error(405, "Method Not Allowed");
-        response.headers.push(("Allow", "GET, HEAD"));
-        return response;
-    }
+    draining.or(timeout).await;
+}
+
+/// The metrics in the Prometheus text format, or 500 if they cannot be encoded.
+fn metrics(registry: &Registry, head_only: bool) -> Response {
     let mut body = String::with_capacity(4096);
     if let Err(e) = prometheus_text::encode(&mut body, registry) {
         debug!("metrics: cannot encode: {e}");
         return Response::error(500, "Internal Server Error");
     }
-    Response {
-        status: 200,
-        reason: "OK",
-        headers: vec![("Content-Type", prometheus_text::CONTENT_TYPE)],
-        body,
-        head_only: method == "HEAD",
-    }
+    Response::ok(prometheus_text::CONTENT_TYPE, body, head_only)
 }
 
 /// The server's counters as Prometheus metrics, read afresh at each scrape.
@@ -325,28 +348,9 @@ mod tests {
         registry
     }
 
-    fn status(request: &str) -> u16 {
-        respond(request.as_bytes(), &registry()).status
-    }
-
-    #[test]
-    fn only_get_or_head_of_metrics_is_answered_with_the_metrics() {
-        assert_eq!(status("GET /metrics HTTP/1.1\r\nHost: x\r\n"), 200);
-        assert_eq!(status("GET /metrics?x=1 HTTP/1.0"), 200);
-        assert_eq!(status("HEAD /metrics HTTP/1.1"), 200);
-        assert_eq!(status("GET / HTTP/1.1"), 404);
-        assert_eq!(status("GET /metricsx HTTP/1.1"), 404);
-        assert_eq!(status("POST /metrics HTTP/1.1"), 405);
-        assert_eq!(status("DELETE /metrics HTTP/1.1"), 405);
-        assert_eq!(status("GET /metrics"), 400);
-        assert_eq!(status("GET /metrics SPDY/3"), 400);
-        assert_eq!(status("GET  /metrics HTTP/1.1"), 400);
-        assert_eq!(status("\u{0}\u{ff}"), 400);
-    }
-
     #[test]
     fn metrics_have_the_documented_names() {
-        let body = respond(b"GET /metrics HTTP/1.1", &registry()).body;
+        let body = metrics(&registry(), false).body;
         for name in [
             "taskserve_connections_open 0",
             "taskserve_connections_accepted_total 0",
@@ -363,12 +367,5 @@ mod tests {
         ] {
             assert!(body.contains(name), "no {name:?} in:\n{body}");
         }
-    }
-
-    #[test]
-    fn the_head_ends_at_its_blank_line() {
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\r\nA: b\r\n\r\n"), Some(20));
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\n\n"), Some(14));
-        assert_eq!(end_of_head(b"GET / HTTP/1.1\r\n"), None);
     }
 }

@@ -143,14 +143,17 @@ impl Builder {
         self
     }
 
-    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`](crate::serve) says
-    /// yes), each counting as one [`StopHandle::stop`](crate::StopHandle::stop). SIGHUP, which
-    /// closing a terminal sends, is then logged and the server keeps serving. The handlers are in
-    /// place when `start` returns, so a script that waits for the server's address can signal it at
+    /// Whether SIGINT and SIGTERM ask the server to stop (default: no; [`serve`](crate::serve)
+    /// says yes), each counting as one [`StopHandle::stop`](crate::StopHandle::stop). SIGHUP,
+    /// which closing a terminal sends, then reloads the TLS certificates
+    /// ([`Server::reload_tls`](crate::Server::reload_tls)), and SIGUSR1, SIGUSR2 and SIGALRM
+    /// are logged as ignored: the server keeps serving. (Their default action would end the
+    /// process without a word, its Unix socket files left behind.) The handlers are in place
+    /// when `start` returns, so a script that waits for the server's address can signal it at
     /// once. See [`Server::wait`](crate::Server::wait).
     ///
-    /// The handlers come from signal-hook, which cannot give a signal its default action back: once
-    /// the server has stopped, the process ignores SIGINT, SIGTERM and SIGHUP. Use it in a program
+    /// The handlers come from signal-hook, which cannot give a signal its default action back:
+    /// once the server has stopped, the process ignores those six signals. Use it in a program
     /// that ends when its server does, as the `echo` binary.
     pub fn stop_on_signals(mut self, yes: bool) -> Self {
         self.stop_on_signals = yes;

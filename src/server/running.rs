@@ -121,7 +121,7 @@ impl Server {
     /// other that failed, keeps the pair it had.
     #[cfg(feature = "tls")]
     pub fn reload_tls(&self) -> io::Result<()> {
-        super::signals::reload_all(&self.tls)
+        smol::block_on(super::signals::reload_off_workers(self.tls.clone()))
     }
 
     /// The number of worker threads running the executor.

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_executor::{Executor, Task};
-use async_signal::{Signal, Signals};
+use async_signal::Signals;
 use log::{debug, info};
 use smol::{channel, future};
 
 use super::accept::{accept_loop, Accepting};
 use super::builder::Builder;
 use super::running::{drain_delay, Running, Server};
-use super::signals::{forward_signals, Reload};
+use super::signals::{forward_signals, Reload, HANDLED};
 use super::workers;
 use crate::conn::connection::{Connection, Handler};
 use crate::conn::stages::Service;
@@ -298,16 +298,20 @@ impl Core {
         self.executor.spawn(serving)
     }
 
-    /// SIGINT and SIGTERM as stop requests, SIGHUP as a reload, for as long as the server runs.
+    /// SIGINT and SIGTERM as stop requests, SIGHUP as a reload (in a task of its own, so that
+    /// signals are handled while it runs), for as long as the server runs.
     fn forward_signals(&self, server: &Server) -> io::Result<()> {
-        let signals = Signals::new([Signal::Int, Signal::Term, Signal::Hup]).map_err(|e| {
+        let signals = Signals::new(HANDLED).map_err(|e| {
             io::Error::new(e.kind(), format!("failed to install signal handlers: {e}"))
         })?;
+        // One reload may wait while another runs; more SIGHUPs meanwhile add nothing.
+        let (hangup, hangups) = smol::channel::bounded(1);
         let reload = Reload {
             tls: server.tls.clone(),
         };
-        let forwarding = forward_signals(signals, Arc::clone(&self.lifecycle), reload);
+        let forwarding = forward_signals(signals, Arc::clone(&self.lifecycle), hangup);
         self.executor.spawn(forwarding).detach();
+        self.executor.spawn(reload.on_hangups(hangups)).detach();
         Ok(())
     }
 

@@ -96,6 +96,14 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 const V1_MAX: usize = 107;
 /// A v2 header's fixed part: the signature, version and command, family, and length.
 const V2_FIXED: usize = 16;
+/// The most a v2 header may announce after its fixed part; a header announcing more is
+/// refused at once. The spec allows 65,535, but load balancers send far less: the addresses
+/// (216 bytes at most, for Unix sockets) and a few TLVs (HAProxy's authority is at most 255
+/// bytes, its unique ID 128, and HAProxy itself refuses a TLV value over 1,024 bytes,
+/// `HA_PP2_MAX_ALLOC` in its `connection-t.h`). 2 KiB leaves room for all of those.
+const V2_MAX_LENGTH: usize = 2048;
+/// How much of a header is read at a time.
+const PIECE: usize = 512;
 
 /// How much of the bytes seen so far belong to the header.
 #[derive(Debug, PartialEq, Eq)]
@@ -119,8 +127,11 @@ fn frame(seen: &[u8]) -> Result<Framing, &'static str> {
         if seen.len() < V2_FIXED {
             return Ok(Framing::AllOfIt);
         }
-        let length = u16::from_be_bytes([seen[14], seen[15]]);
-        return Ok(Framing::Exactly(V2_FIXED + usize::from(length)));
+        let length = usize::from(u16::from_be_bytes([seen[14], seen[15]]));
+        if length > V2_MAX_LENGTH {
+            return Err("a v2 header announcing more than 2048 bytes");
+        }
+        return Ok(Framing::Exactly(V2_FIXED + length));
     }
     if starts(V1_PREFIX) {
         return match seen.iter().position(|&b| b == b'\n') {
@@ -133,33 +144,42 @@ fn frame(seen: &[u8]) -> Result<Framing, &'static str> {
     Err("not a PROXY protocol header")
 }
 
-/// Reads the header at the start of `stream`, exactly its bytes: peeks at what has arrived,
-/// and reads only what is header. Usually one peek and one read.
+/// Reads the header at the start of `stream`, exactly its bytes: until its length is known,
+/// peeks at what has arrived and reads only what is header; then reads the rest. The buffer
+/// grows with the bytes that came, never ahead of them to the length a header announces:
+/// 16 bytes must not buy 2 KiB. Usually one peek and one read.
 async fn read_framed(stream: &mut async_net::TcpStream) -> io::Result<Vec<u8>> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut header = Vec::with_capacity(V1_MAX);
-    let mut peeked = [0; V1_MAX];
+    let mut piece = [0; PIECE];
     loop {
-        // Blocks until bytes come that were not read yet: each round reads at least one.
-        let n = stream.peek(&mut peeked).await?;
+        let framing = frame(&header).map_err(invalid)?;
+        let n = match framing {
+            Framing::Exactly(len) if header.len() == len => return Ok(header),
+            Framing::Exactly(len) => {
+                let want = (len - header.len()).min(PIECE);
+                stream.read(&mut piece[..want]).await?
+            }
+            Framing::AllOfIt => {
+                // Blocks until bytes come that were not read yet.
+                let peeked = stream.peek(&mut piece).await?;
+                let seen = [&header[..], &piece[..peeked]].concat();
+                let end = match frame(&seen).map_err(invalid)? {
+                    Framing::Exactly(len) => len.min(seen.len()),
+                    Framing::AllOfIt => seen.len(),
+                };
+                let n = end - header.len();
+                stream.read_exact(&mut piece[..n]).await?;
+                n
+            }
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "closed before the end of its PROXY header",
             ));
         }
-        let seen_before = header.len();
-        header.extend_from_slice(&peeked[..n]);
-        let framing = frame(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let end = match framing {
-            Framing::Exactly(len) => len,
-            Framing::AllOfIt => header.len(),
-        };
-        // Read what is header among the bytes peeked, and for a v2 header any rest of it.
-        header.resize(end, 0);
-        stream.read_exact(&mut header[seen_before..]).await?;
-        if matches!(framing, Framing::Exactly(_)) {
-            return Ok(header);
-        }
+        header.extend_from_slice(&piece[..n]);
     }
 }
 
@@ -337,6 +357,11 @@ mod tests {
         v2.extend([0x21, 0x11, 0, 12]);
         assert_eq!(frame(&v2), Ok(Framing::Exactly(28)));
         assert!(frame(b"GET / HTTP/1.1\r\n").is_err());
+        let mut v2_max = V2_SIGNATURE.to_vec();
+        v2_max.extend([0x21, 0x11, 0x08, 0x00]);
+        assert_eq!(frame(&v2_max), Ok(Framing::Exactly(16 + 2048)));
+        v2_max[15] = 1;
+        assert!(frame(&v2_max).is_err(), "2049 bytes announced");
         assert!(frame(&[b'P', b'R', b'O', b'X', b'Y', b' ', b'A'].repeat(20)).is_err());
     }
 

@@ -164,7 +164,8 @@ impl TlsConfig {
 
 fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
     let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
+    let key = read_pem_file(&files.key)
+        .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
         .map_err(|e| pem_error(&files.key, "private key", e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
@@ -200,8 +201,8 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
 }
 
 fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    let certs = read_pem_file(path)
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
         .map_err(|e| pem_error(path, "certificate", e))?;
     if certs.is_empty() {
         return Err(pem_error(
@@ -211,6 +212,34 @@ fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
         ));
     }
     Ok(certs)
+}
+
+/// The most a PEM file may hold: a certificate chain or a key takes a few KiB.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// The bytes of the PEM file at `path`. Refuses what is not a regular file, before opening it:
+/// opening a FIFO waits for a writer, and a device may never end. Refuses a file over
+/// [`MAX_PEM_FILE`], reading no more than that much.
+fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> {
+    use rustls::pki_types::pem::Error;
+    use std::io::Read;
+    let refused = |why: &str| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, why));
+    if !std::fs::metadata(path).map_err(Error::Io)?.is_file() {
+        return Err(refused("not a regular file"));
+    }
+    // A FIFO put in its place since the check would still make this wait: the reload's own
+    // deadline bounds that.
+    let file = std::fs::File::open(path).map_err(Error::Io)?;
+    let mut pem = Vec::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut pem)
+        .map_err(Error::Io)?;
+    if pem.len() as u64 > MAX_PEM_FILE {
+        return Err(refused(
+            "larger than 1 MiB, which no certificate chain or key is",
+        ));
+    }
+    Ok(pem)
 }
 
 /// `cannot read cert.pem: No such file or directory`, `cert.pem: no certificate in it (not a
