@@ -257,7 +257,9 @@ impl StopHandle {
         self.0.request();
     }
 
-    /// Whether a stop has been asked for.
+    /// Whether a stop has been asked for. From then on the server is not ready for new
+    /// clients: the metrics endpoint's `/readyz` answers 503, though during a drain delay
+    /// ([`Builder::drain_delay`](crate::Builder::drain_delay)) it still accepts them.
     pub fn is_stopping(&self) -> bool {
         self.0.requests() > 0
     }

@@ -15,10 +15,21 @@ const MAX_HEADERS: usize = 64;
 /// What a request head asks for, once it is complete or known to be bad.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Request {
-    /// `GET /metrics` (`head_only: false`) or `HEAD /metrics`.
-    Metrics { head_only: bool },
+    /// `GET` of one of the endpoint's pages (`head_only: false`), or `HEAD`.
+    Get { page: Page, head_only: bool },
     /// Anything else: the error response it gets.
     Refused(Response),
+}
+
+/// The pages the endpoint serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Page {
+    /// `/metrics`: the counters, in the Prometheus text format.
+    Metrics,
+    /// `/healthz`: 200 while the server runs.
+    Health,
+    /// `/readyz`: 200 while the server is ready for new clients, 503 once a stop has begun.
+    Ready,
 }
 
 /// Parses the head received so far: `None` while it is valid and incomplete.
@@ -49,12 +60,21 @@ fn route(request: &httparse::Request<'_, '_>) -> Request {
     if hosts > 1 || (minor == 1 && hosts == 0) {
         return Request::Refused(Response::error(400, "Bad Request"));
     }
-    if path(target) != "/metrics" {
-        return Request::Refused(Response::error(404, "Not Found"));
-    }
+    let page = match path(target) {
+        "/metrics" => Page::Metrics,
+        "/healthz" => Page::Health,
+        "/readyz" => Page::Ready,
+        _ => return Request::Refused(Response::error(404, "Not Found")),
+    };
     match method {
-        "GET" => Request::Metrics { head_only: false },
-        "HEAD" => Request::Metrics { head_only: true },
+        "GET" => Request::Get {
+            page,
+            head_only: false,
+        },
+        "HEAD" => Request::Get {
+            page,
+            head_only: true,
+        },
         _ => {
             let mut response = Response::error(405, "Method Not Allowed");
             response.headers.push(("Allow", "GET, HEAD"));
@@ -117,6 +137,21 @@ impl Response {
         }
     }
 
+    /// `status` (200 or 503) with a one-line plain-text `body`: a health or readiness answer.
+    pub(super) fn state(status: u16, body: String, head_only: bool) -> Response {
+        Response {
+            status,
+            reason: if status == 200 {
+                "OK"
+            } else {
+                "Service Unavailable"
+            },
+            headers: vec![("Content-Type", "text/plain; charset=utf-8")],
+            body,
+            head_only,
+        }
+    }
+
     pub(super) fn into_bytes(self) -> Vec<u8> {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
         for (name, value) in &self.headers {
@@ -142,7 +177,7 @@ mod tests {
     /// The status `request` gets, or `None` if more bytes are awaited.
     fn status(request: &str) -> Option<u16> {
         match parse(request.as_bytes())? {
-            Request::Metrics { .. } => Some(200),
+            Request::Get { .. } => Some(200),
             Request::Refused(response) => Some(response.status),
         }
     }
@@ -167,6 +202,19 @@ mod tests {
         assert_eq!(status("GET http://x HTTP/1.0\r\n\r\n"), Some(404));
         assert_eq!(status("POST /metrics HTTP/1.0\r\n\r\n"), Some(405));
         assert_eq!(status("DELETE /metrics HTTP/1.0\r\n\r\n"), Some(405));
+    }
+
+    #[test]
+    fn healthz_and_readyz_are_pages_too() {
+        for page in ["/healthz", "/readyz"] {
+            let get = format!("GET {page} HTTP/1.0\r\n\r\n");
+            let head = format!("HEAD {page}?verbose HTTP/1.1\r\nHost: x\r\n\r\n");
+            let post = format!("POST {page} HTTP/1.0\r\n\r\n");
+            assert_eq!(status(&get), Some(200), "{page}");
+            assert_eq!(status(&head), Some(200), "{page}");
+            assert_eq!(status(&post), Some(405), "{page}");
+        }
+        assert_eq!(status("GET /health HTTP/1.0\r\n\r\n"), Some(404));
     }
 
     #[test]

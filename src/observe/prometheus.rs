@@ -1,5 +1,9 @@
 //! The Prometheus endpoint: `GET /metrics` on an address of its own, answered from the server's
-//! [`Stats`](crate::Stats) in the Prometheus text format, on the server's executor.
+//! [`Stats`](crate::Stats) in the Prometheus text format, on the server's executor; beside it
+//! `GET /healthz` (200 while the server runs: it is answered by the same executor as the
+//! clients, so a server whose workers are all blocked fails it) and `GET /readyz` (200 while
+//! the server is ready for new clients, 503 from the moment a stop begins, through its drain
+//! delay; then the endpoint closes with the client listeners).
 //!
 //! It is not a client listener: its connections take no slot under `max_connections`, are not
 //! in `Server::connections` or the stats, and get no idle timeout or hooks. Instead it guards
@@ -31,7 +35,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use super::counters::Counters;
-use super::http::{self, Request, Response};
+use super::http::{self, Page, Request, Response};
 use super::scrapes::{Slot, Slots};
 use super::stats::{CloseReason, RefusalReason};
 use crate::addr::Addr;
@@ -64,9 +68,7 @@ pub(crate) async fn serve_metrics(
     counters: Arc<Counters>,
     executor: Arc<Executor<'static>>,
 ) {
-    let mut registry = Registry::with_prefix("taskserve");
-    registry.register_collector(Box::new(Exported(counters)));
-    let registry = Arc::new(registry);
+    let pages = Arc::new(Pages::new(counters));
     let slots = Slots::new(MAX_SCRAPES);
     loop {
         let Accepted { stream, info } = match listener.accept().await {
@@ -80,18 +82,18 @@ pub(crate) async fn serve_metrics(
             }
         };
         let slot = slots.admit();
-        let registry = Arc::clone(&registry);
+        let pages = Arc::clone(&pages);
         executor
-            .spawn(scrape(stream, slot, registry, info.peer_addr))
+            .spawn(scrape(stream, slot, pages, info.peer_addr))
             .detach();
     }
 }
 
 /// One connection to the endpoint: its request read (if it has a slot) and answered, then
 /// closed. One scrape per connection.
-async fn scrape(mut stream: Stream, slot: Option<Slot>, registry: Arc<Registry>, peer: Addr) {
+async fn scrape(mut stream: Stream, slot: Option<Slot>, pages: Arc<Pages>, peer: Addr) {
     let response = match &slot {
-        Some(slot) => match read_request(&mut stream, slot, &registry).await {
+        Some(slot) => match read_request(&mut stream, slot, &pages).await {
             Ok(response) => response,
             Err(e) => {
                 debug!("metrics: {peer}: {e}");
@@ -123,11 +125,7 @@ async fn scrape(mut stream: Stream, slot: Option<Slot>, registry: Arc<Registry>,
 /// Reads the request head, within [`HEAD_DEADLINE`] and unless a newer connection takes the
 /// slot first; returns the response it gets (408 for a head too late, 503 for an evicted one),
 /// or an error if the client closed or failed.
-async fn read_request(
-    stream: &mut Stream,
-    slot: &Slot,
-    registry: &Registry,
-) -> io::Result<Response> {
+async fn read_request(stream: &mut Stream, slot: &Slot, pages: &Pages) -> io::Result<Response> {
     let reading = async {
         let head = within(HEAD_DEADLINE, "no request head", read_head(stream)).await;
         head.map(Some)
@@ -140,7 +138,7 @@ async fn read_request(
         Ok(Some(request)) => {
             slot.answering();
             Ok(match request {
-                Request::Metrics { head_only } => metrics(registry, head_only),
+                Request::Get { page, head_only } => pages.answer(page, head_only),
                 Request::Refused(response) => response,
             })
         }
@@ -204,14 +202,45 @@ async fn linger(stream: &mut Stream) {
     draining.or(timeout).await;
 }
 
-/// The metrics in the Prometheus text format, or 500 if they cannot be encoded.
-fn metrics(registry: &Registry, head_only: bool) -> Response {
-    let mut body = String::with_capacity(4096);
-    if let Err(e) = prometheus_text::encode(&mut body, registry) {
-        debug!("metrics: cannot encode: {e}");
-        return Response::error(500, "Internal Server Error");
+/// What the endpoint's pages are made from.
+struct Pages {
+    /// The counters, as Prometheus metrics.
+    registry: Registry,
+    /// The server's phase, for readiness.
+    counters: Arc<Counters>,
+}
+
+impl Pages {
+    fn new(counters: Arc<Counters>) -> Pages {
+        let mut registry = Registry::with_prefix("taskserve");
+        registry.register_collector(Box::new(Exported(Arc::clone(&counters))));
+        Pages { registry, counters }
     }
-    Response::ok(prometheus_text::CONTENT_TYPE, body, head_only)
+
+    fn answer(&self, page: Page, head_only: bool) -> Response {
+        match page {
+            Page::Metrics => self.metrics(head_only),
+            // Answered at all, it is true: this task ran on the server's executor.
+            Page::Health => Response::state(200, "ok\n".into(), head_only),
+            Page::Ready => match self.counters.phase() {
+                Phase::Serving => Response::state(200, "ready\n".into(), head_only),
+                phase => {
+                    let body = format!("not ready: {}\n", phase.label());
+                    Response::state(503, body, head_only)
+                }
+            },
+        }
+    }
+
+    /// The metrics in the Prometheus text format, or 500 if they cannot be encoded.
+    fn metrics(&self, head_only: bool) -> Response {
+        let mut body = String::with_capacity(4096);
+        if let Err(e) = prometheus_text::encode(&mut body, &self.registry) {
+            debug!("metrics: cannot encode: {e}");
+            return Response::error(500, "Internal Server Error");
+        }
+        Response::ok(prometheus_text::CONTENT_TYPE, body, head_only)
+    }
 }
 
 /// The server's counters as Prometheus metrics, read afresh at each scrape.
@@ -338,19 +367,17 @@ mod tests {
     use super::*;
     use crate::observe::counters::Hooks;
 
-    fn registry() -> Registry {
-        let mut registry = Registry::with_prefix("taskserve");
-        registry.register_collector(Box::new(Exported(Counters::new(
+    fn pages() -> Pages {
+        Pages::new(Counters::new(
             Arc::default(),
             Arc::default(),
             Hooks::default(),
-        ))));
-        registry
+        ))
     }
 
     #[test]
     fn metrics_have_the_documented_names() {
-        let body = metrics(&registry(), false).body;
+        let body = pages().metrics(false).body;
         for name in [
             "taskserve_connections_open 0",
             "taskserve_connections_accepted_total 0",

@@ -79,8 +79,8 @@ pub struct Args {
     #[argh(switch)]
     pub no_tcp: bool,
 
-    /// also serve Prometheus metrics at http://ADDR/metrics, ADDR as host:port (e.g.
-    /// 127.0.0.1:9100; port 0 picks a free one)
+    /// also serve Prometheus metrics at http://ADDR/metrics, with /healthz and /readyz beside
+    /// them, ADDR as host:port (e.g. 127.0.0.1:25090; port 0 picks a free one)
     #[argh(option)]
     pub metrics: Option<String>,
 
