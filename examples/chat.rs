@@ -69,7 +69,7 @@ impl Drop for Member {
 /// side ends or the server stops.
 /// (`pub` for tests/examples.rs, which serves it in-process.)
 pub async fn chat(room: Arc<Room>, conn: Connection) -> io::Result<()> {
-    let peer = conn.peer_addr().clone();
+    let peer = conn.peer_addr();
     let stop = conn.stop_handle().clone();
     // Two halves, so that one task can wait for a line while it writes the room's messages.
     let (reader, mut writer) = io::split(conn);
