@@ -7,6 +7,8 @@ use argh::{ArgsInfo, FromArgs};
 
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
 #[derive(FromArgs, ArgsInfo, Debug)]
+// `-h` as well as argh's own two, so that the help lists the short form everyone types.
+#[argh(help_triggers("-h", "--help", "help"))]
 pub struct Args {
     /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
     #[argh(
