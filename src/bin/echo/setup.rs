@@ -62,16 +62,27 @@ fn listeners(mut builder: Builder, args: &Args) -> io::Result<Builder> {
         builder = listen_unix(builder, path)?;
     }
     if let Some(addr) = &args.metrics {
-        // Resolved now, so that an error names the flag.
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}"))
-            })?
-            .collect();
-        builder = builder.listen_metrics(&addrs[..]);
+        builder = builder.listen_metrics(&metrics_addrs(addr)?[..]);
     }
     Ok(builder)
+}
+
+/// The addresses `--metrics ADDR` names, resolved now so that an error names the flag. A bare
+/// port (`--metrics 9464`, the usual slip) gets the address it was probably meant as.
+fn metrics_addrs(addr: &str) -> io::Result<Vec<SocketAddr>> {
+    if !addr.contains(':') {
+        let example = match addr.parse::<u16>() {
+            Ok(port) => format!("127.0.0.1:{port}"),
+            Err(_) => format!("{addr}:9464"),
+        };
+        return Err(usage(&format!(
+            "--metrics wants host:port, not {addr:?}: try --metrics {example} \
+             (0.0.0.0:PORT to be scraped from other machines)"
+        )));
+    }
+    addr.to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}")))
 }
 
 /// One line per listener, on stdout whatever the log level, all printed before serving:
