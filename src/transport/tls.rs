@@ -163,9 +163,9 @@ impl TlsConfig {
 }
 
 fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
-    let certs = read_certs(&files.cert)?;
+    let certs = read_certs(&files.cert, Wanted::Certificates)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| pem_error(&files.key, "private key", e))?;
+        .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -174,7 +174,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca)? {
+            for cert in read_certs(ca, Wanted::CaCertificates)? {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -188,41 +188,124 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        invalid_data(format!(
-            "{} and {} do not go together: {e}",
-            files.cert.display(),
-            files.key.display()
-        ))
-    })?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| mismatch_error(files, e))?;
     config.alpn_protocols = files.alpn.clone();
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| pem_error(path, "certificate", e))?;
+        .map_err(|e| pem_error(path, wanted, e))?;
     if certs.is_empty() {
         return Err(pem_error(
             path,
-            "certificate",
+            wanted,
             rustls::pki_types::pem::Error::NoItemsFound,
         ));
     }
     Ok(certs)
 }
 
-/// `cannot read cert.pem: No such file or directory`, `cert.pem: no certificate in it (not a
-/// PEM file?)`: what was read, and why it failed.
-fn pem_error(path: &Path, what: &str, e: rustls::pki_types::pem::Error) -> io::Error {
-    use rustls::pki_types::pem::Error;
-    let path = path.display();
-    match e {
-        Error::Io(e) => io::Error::new(e.kind(), format!("cannot read {path}: {e}")),
-        Error::NoItemsFound => invalid_data(format!("{path}: no {what} in it (not a PEM file?)")),
-        other => invalid_data(format!("{path}: not a valid PEM file: {other}")),
+/// What a PEM file was given for, which its error message names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// The server's certificate chain.
+    Certificates,
+    /// The private key of the server's certificate.
+    PrivateKey,
+    /// The CA certificates that sign clients' certificates.
+    CaCertificates,
+}
+
+impl Wanted {
+    fn what(self) -> &'static str {
+        match self {
+            Wanted::Certificates => "the certificate chain",
+            Wanted::PrivateKey => "the private key",
+            Wanted::CaCertificates => "the client CA certificates",
+        }
     }
+}
+
+/// One line that names the file, what is wrong with it and what to do:
+/// `cannot read cert.pem: No such file or directory`, `cert.pem: a PEM section has no end line
+/// (-----END CERTIFICATE-----): is the file cut short?`, `key.pem holds a certificate, not the
+/// private key: are the certificate and key swapped?`.
+fn pem_error(path: &Path, wanted: Wanted, e: rustls::pki_types::pem::Error) -> io::Error {
+    use rustls::pki_types::pem::Error;
+    let name = path.display();
+    let message = match e {
+        Error::Io(e) => return io::Error::new(e.kind(), format!("cannot read {name}: {e}")),
+        Error::NoItemsFound => not_found_message(path, wanted),
+        Error::MissingSectionEnd { end_marker } => format!(
+            "{name}: a PEM section has no end line (-----END {}-----): is the file cut short?",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "{name}: not a valid PEM file: a malformed -----BEGIN line ({:?})",
+            String::from_utf8_lossy(&line)
+        ),
+        Error::Base64Decode(e) => {
+            format!("{name}: not a valid PEM file: a section that is not base64 ({e})")
+        }
+        other => format!("{name}: not a valid PEM file: {other}"),
+    };
+    invalid_data(message)
+}
+
+/// Why a file held nothing of what was `wanted`, from what it holds instead.
+fn not_found_message(path: &Path, wanted: Wanted) -> String {
+    use rustls::pki_types::pem::SectionKind::{self, *};
+    let name = path.display();
+    // Read again only on this error path, to tell the user what the file holds.
+    let kinds: Vec<SectionKind> = <(SectionKind, Vec<u8>)>::pem_file_iter(path)
+        .map(|sections| {
+            sections
+                .filter_map(|s| s.ok().map(|(kind, _)| kind))
+                .collect()
+        })
+        .unwrap_or_default();
+    let has_key = kinds
+        .iter()
+        .any(|k| matches!(k, PrivateKey | RsaPrivateKey | EcPrivateKey));
+    let has_cert = kinds.contains(&Certificate);
+    match wanted {
+        Wanted::Certificates if has_key => format!(
+            "{name} holds a private key, not {}: are the certificate and key swapped?",
+            wanted.what()
+        ),
+        Wanted::PrivateKey if has_cert => format!(
+            "{name} holds a certificate, not {}: are the certificate and key swapped?",
+            wanted.what()
+        ),
+        _ if kinds.is_empty() => format!(
+            "{name}: not a PEM file (no -----BEGIN line in it): give {} in PEM",
+            wanted.what()
+        ),
+        _ => format!(
+            "{name} holds no {} (only PEM sections of other kinds: {kinds:?}): give {} in PEM",
+            match wanted {
+                Wanted::PrivateKey => "private key",
+                _ => "certificate",
+            },
+            wanted.what()
+        ),
+    }
+}
+
+/// The certificate and key loaded, but do not make a pair: say which file to change.
+fn mismatch_error(files: &Files, e: rustls::Error) -> io::Error {
+    let (cert, key) = (files.cert.display(), files.key.display());
+    invalid_data(match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => format!(
+            "{key} is not the private key of the certificate in {cert}: give the key the \
+             certificate was made with"
+        ),
+        e => format!("{cert} and {key} do not go together: {e}"),
+    })
 }
 
 fn invalid_data(message: String) -> io::Error {
