@@ -46,10 +46,10 @@ fn a_key_of_another_certificate_is_named_as_not_its_key() {
     assert_eq!(
         message,
         format!(
-            "{} is not the private key of the certificate in {}: give the key the certificate \
-             was made with",
-            other_key.display(),
-            files.cert.display()
+            "{cert} and {key} do not go together: {key} is not the private key of that \
+             certificate; give the key the certificate was made with",
+            cert = files.cert.display(),
+            key = other_key.display()
         )
     );
 }
@@ -61,8 +61,7 @@ fn swapped_certificate_and_key_are_called_swapped() {
     assert_eq!(
         message,
         format!(
-            "{} holds a private key, not the certificate chain: are the certificate and key \
-             swapped?",
+            "{} holds a private key and no certificate: are the certificate and key swapped?",
             files.key.display()
         )
     );
@@ -70,7 +69,7 @@ fn swapped_certificate_and_key_are_called_swapped() {
     let message = load_error(&files.cert, &files.cert);
     assert!(
         message.contains(
-            "holds a certificate, not the private key: are the certificate and key swapped?"
+            "holds a certificate and no private key: are the certificate and key swapped?"
         ),
         "{message}"
     );
@@ -85,7 +84,8 @@ fn a_file_that_is_not_pem_says_so_and_what_it_should_hold() {
     assert_eq!(
         message,
         format!(
-            "{}: not a PEM file (no -----BEGIN line in it): give the private key in PEM",
+            "{}: no private key in it, nor anything PEM (no -----BEGIN line): give the private \
+             key in PEM",
             text.display()
         )
     );
@@ -121,8 +121,8 @@ fn echo_passes_the_message_through_on_one_line() {
     assert_eq!(
         stderr,
         format!(
-            "echo: {key} holds a private key, not the certificate chain: are the certificate \
-             and key swapped?\n"
+            "echo: {key} holds a private key and no certificate: are the certificate and key \
+             swapped?\n"
         )
     );
 }

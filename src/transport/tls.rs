@@ -18,6 +18,8 @@ use futures_rustls::TlsAcceptor;
 use log::debug;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
+use super::tls_records::RecordTracker;
 use crate::deadline::within;
 use crate::info::{ConnectionInfo, TlsInfo, Transport};
 use crate::logging::Peer;
@@ -190,7 +192,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| mismatch_error(files, e))?;
+        .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
     Ok(Arc::new(config))
 }
@@ -209,109 +211,6 @@ fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-/// What a PEM file was given for, which its error message names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wanted {
-    /// The server's certificate chain.
-    Certificates,
-    /// The private key of the server's certificate.
-    PrivateKey,
-    /// The CA certificates that sign clients' certificates.
-    CaCertificates,
-}
-
-impl Wanted {
-    fn what(self) -> &'static str {
-        match self {
-            Wanted::Certificates => "the certificate chain",
-            Wanted::PrivateKey => "the private key",
-            Wanted::CaCertificates => "the client CA certificates",
-        }
-    }
-}
-
-/// One line that names the file, what is wrong with it and what to do:
-/// `cannot read cert.pem: No such file or directory`, `cert.pem: a PEM section has no end line
-/// (-----END CERTIFICATE-----): is the file cut short?`, `key.pem holds a certificate, not the
-/// private key: are the certificate and key swapped?`.
-fn pem_error(path: &Path, wanted: Wanted, e: rustls::pki_types::pem::Error) -> io::Error {
-    use rustls::pki_types::pem::Error;
-    let name = path.display();
-    let message = match e {
-        Error::Io(e) => return io::Error::new(e.kind(), format!("cannot read {name}: {e}")),
-        Error::NoItemsFound => not_found_message(path, wanted),
-        Error::MissingSectionEnd { end_marker } => format!(
-            "{name}: a PEM section has no end line (-----END {}-----): is the file cut short?",
-            String::from_utf8_lossy(&end_marker)
-        ),
-        Error::IllegalSectionStart { line } => format!(
-            "{name}: not a valid PEM file: a malformed -----BEGIN line ({:?})",
-            String::from_utf8_lossy(&line)
-        ),
-        Error::Base64Decode(e) => {
-            format!("{name}: not a valid PEM file: a section that is not base64 ({e})")
-        }
-        other => format!("{name}: not a valid PEM file: {other}"),
-    };
-    invalid_data(message)
-}
-
-/// Why a file held nothing of what was `wanted`, from what it holds instead.
-fn not_found_message(path: &Path, wanted: Wanted) -> String {
-    use rustls::pki_types::pem::SectionKind::{self, *};
-    let name = path.display();
-    // Read again only on this error path, to tell the user what the file holds.
-    let kinds: Vec<SectionKind> = <(SectionKind, Vec<u8>)>::pem_file_iter(path)
-        .map(|sections| {
-            sections
-                .filter_map(|s| s.ok().map(|(kind, _)| kind))
-                .collect()
-        })
-        .unwrap_or_default();
-    let has_key = kinds
-        .iter()
-        .any(|k| matches!(k, PrivateKey | RsaPrivateKey | EcPrivateKey));
-    let has_cert = kinds.contains(&Certificate);
-    match wanted {
-        Wanted::Certificates if has_key => format!(
-            "{name} holds a private key, not {}: are the certificate and key swapped?",
-            wanted.what()
-        ),
-        Wanted::PrivateKey if has_cert => format!(
-            "{name} holds a certificate, not {}: are the certificate and key swapped?",
-            wanted.what()
-        ),
-        _ if kinds.is_empty() => format!(
-            "{name}: not a PEM file (no -----BEGIN line in it): give {} in PEM",
-            wanted.what()
-        ),
-        _ => format!(
-            "{name} holds no {} (only PEM sections of other kinds: {kinds:?}): give {} in PEM",
-            match wanted {
-                Wanted::PrivateKey => "private key",
-                _ => "certificate",
-            },
-            wanted.what()
-        ),
-    }
-}
-
-/// The certificate and key loaded, but do not make a pair: say which file to change.
-fn mismatch_error(files: &Files, e: rustls::Error) -> io::Error {
-    let (cert, key) = (files.cert.display(), files.key.display());
-    invalid_data(match e {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => format!(
-            "{key} is not the private key of the certificate in {cert}: give the key the \
-             certificate was made with"
-        ),
-        e => format!("{cert} and {key} do not go together: {e}"),
-    })
-}
-
-fn invalid_data(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
 /// The TLS handshake of one connection, within `timeout`: the stream then becomes the
 /// decrypted session, `info` learns what was settled, and [`Closing`] ends the session once the
 /// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
@@ -323,7 +222,7 @@ pub(crate) async fn handshake(
     timeout: Duration,
     peer: &Peer,
 ) -> Option<(TlsSession, Closing)> {
-    let accepting = TlsAcceptor::from(tls.current()).accept(tcp);
+    let accepting = TlsAcceptor::from(tls.current()).accept(RecordTracker::new(tcp));
     let stream = match within(timeout, "no handshake", accepting).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -349,8 +248,8 @@ pub(crate) async fn handshake(
     Some((session, closing))
 }
 
-/// A server-side TLS stream over TCP.
-type ServerStream = futures_rustls::server::TlsStream<async_net::TcpStream>;
+/// A server-side TLS stream over TCP, whose record framing is followed (see [`RecordTracker`]).
+type ServerStream = futures_rustls::server::TlsStream<RecordTracker<async_net::TcpStream>>;
 
 /// A TLS session as its handler holds it. Dropped, it hands its stream back to the connection's
 /// task ([`Closing::close`]), because ending a session takes more than a drop can do: what the
@@ -370,6 +269,33 @@ impl TlsSession {
                 .as_mut()
                 .expect("a TlsSession has its stream until dropped"),
         )
+    }
+
+    /// A read's result as the handler sees it: a client that closed its socket without
+    /// close_notify, at the end of a record, has closed (`Ok(0)`), as Go's crypto/tls takes
+    /// it; in the middle of a record, what it sent was cut short, and that stays an error.
+    fn eof_without_close_notify(
+        &mut self,
+        read: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let Poll::Ready(Err(e)) = &read else {
+            return read;
+        };
+        let Some(stream) = self.stream.as_mut() else {
+            return read;
+        };
+        let (records, _) = stream.get_mut();
+        if e.kind() != io::ErrorKind::UnexpectedEof || !records.saw_eof() {
+            return read;
+        }
+        if records.ended_between_records() {
+            records.missing_close_notify = true;
+            return Poll::Ready(Ok(0));
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed in the middle of a TLS record, without close_notify: what it sent was cut short",
+        )))
     }
 }
 
@@ -391,7 +317,9 @@ impl AsyncRead for TlsSession {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_read(cx, buf)
+        let this = self.get_mut();
+        let read = this.stream().poll_read(cx, buf);
+        this.eof_without_close_notify(read)
     }
 
     fn poll_read_vectored(
@@ -399,7 +327,9 @@ impl AsyncRead for TlsSession {
         cx: &mut Context<'_>,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_read_vectored(cx, bufs)
+        let this = self.get_mut();
+        let read = this.stream().poll_read_vectored(cx, bufs);
+        this.eof_without_close_notify(read)
     }
 }
 
@@ -443,6 +373,9 @@ impl Closing {
         let Some(mut stream) = stream else {
             return;
         };
+        if stream.get_ref().0.missing_close_notify {
+            debug!("{peer}: closed its socket without TLS close_notify, at a record's end: taken as its close");
+        }
         // An error means the client left first or did not read: nothing more to do for it.
         if let Err(e) = within(timeout, "not closed", stream.close()).await {
             debug!("{peer}: TLS close: {e}");
