@@ -25,8 +25,9 @@ use crate::info::{ConnectionInfo, TlsInfo, Transport};
 use crate::logging::Peer;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
-/// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`] of your own. Cheap to
-/// clone; clones share one configuration, so a reload reaches every listener using it.
+/// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
+/// own. Cheap to clone; clones share one configuration, so a reload reaches every listener
+/// using it.
 ///
 /// # Examples
 ///
@@ -38,6 +39,8 @@ use crate::logging::Peer;
 ///     .start(taskserve::echo)?;
 /// # std::io::Result::Ok(())
 /// ```
+///
+/// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
 #[derive(Clone)]
 pub struct TlsConfig(Arc<Reloadable>);
 
@@ -119,7 +122,9 @@ impl TlsConfig {
 
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
     /// and open connections keep theirs. Nothing to do for a configuration given as a
-    /// [`ServerConfig`].
+    /// [`ServerConfig`][ServerConfig].
+    ///
+    /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
     /// # Errors
     ///
