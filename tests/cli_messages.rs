@@ -17,12 +17,12 @@ fn one_line_failure(args: &[&str]) -> String {
 
 #[test]
 fn metrics_given_a_bare_port_asks_for_host_and_port_and_suggests_loopback() {
-    let stderr = one_line_failure(&["--port", "0", "--metrics", "9464"]);
+    let stderr = one_line_failure(&["--port", "0", "--metrics", "25090"]);
     assert!(
         stderr.starts_with("echo: --metrics wants host:port"),
         "{stderr}"
     );
-    assert!(stderr.contains("--metrics 127.0.0.1:9464"), "{stderr}");
+    assert!(stderr.contains("--metrics 127.0.0.1:25090"), "{stderr}");
     assert!(!stderr.contains("invalid socket address"), "{stderr}");
 }
 

@@ -71,7 +71,7 @@ pub struct Args {
     pub no_tcp: bool,
 
     /// also serve Prometheus metrics at http://ADDR/metrics, ADDR as host:port (e.g.
-    /// 127.0.0.1:9100; port 0 picks a free one)
+    /// 127.0.0.1:25090; port 0 picks a free one)
     #[argh(option)]
     pub metrics: Option<String>,
 

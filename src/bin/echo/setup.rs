@@ -68,12 +68,12 @@ fn listeners(mut builder: Builder, args: &Args) -> io::Result<Builder> {
 }
 
 /// The addresses `--metrics ADDR` names, resolved now so that an error names the flag. A bare
-/// port (`--metrics 9464`, the usual slip) gets the address it was probably meant as.
+/// port (`--metrics 25090`, the usual slip) gets the address it was probably meant as.
 fn metrics_addrs(addr: &str) -> io::Result<Vec<SocketAddr>> {
     if !addr.contains(':') {
         let example = match addr.parse::<u16>() {
             Ok(port) => format!("127.0.0.1:{port}"),
-            Err(_) => format!("{addr}:9464"),
+            Err(_) => format!("{addr}:25090"),
         };
         return Err(usage(&format!(
             "--metrics wants host:port, not {addr:?}: try --metrics {example} \
