@@ -115,7 +115,9 @@ fn argh_spelling(args: &[String]) -> Vec<String> {
 
 fn run(args: &Args) -> io::Result<()> {
     setup::raise_open_file_limit(args.max_connections);
+    let activated = setup::socket_activated();
     let server = setup::builder(args)?.start(taskserve::echo)?;
+    setup::warn_of_inherited_sockets_on_all_interfaces(args, activated, &server);
     for line in setup::listening_lines(&server) {
         // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe
         // because its output is its whole job and nobody wants it any more; a server's job is

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use taskserve::Builder;
 
-use super::args::Args;
+use super::args::{Args, DEFAULT_HOST};
 
 /// The builder the flags ask for: options, then listeners.
 pub fn builder(args: &Args) -> io::Result<Builder> {
@@ -112,6 +112,34 @@ pub fn listening_lines(server: &taskserve::Server) -> Vec<String> {
     lines
 }
 
+/// Warns when a socket passed by systemd listens on every interface while `--host` was left at
+/// its default, this machine only: the flag does not apply to an inherited socket, and
+/// `systemd-socket-activate -l 25000` or `ListenStream=25000` bind all interfaces, so a user who
+/// relied on the default would serve the network without knowing it.
+/// `activated` is [`socket_activated`] before the server started, which takes the variables.
+pub fn warn_of_inherited_sockets_on_all_interfaces(
+    args: &Args,
+    activated: bool,
+    server: &taskserve::Server,
+) {
+    if !activated || args.host != DEFAULT_HOST {
+        return;
+    }
+    for (addr, _) in server.local_addrs() {
+        if let taskserve::Addr::Inet(addr) = addr {
+            if addr.ip().is_unspecified() {
+                log::warn!(
+                    "listening on {addr}, every interface, as the socket systemd passed was \
+                     bound (--host applies only to sockets echo binds itself): for this machine \
+                     only, bind it to 127.0.0.1 (ListenStream=127.0.0.1:{port}, \
+                     systemd-socket-activate -l 127.0.0.1:{port})",
+                    port = addr.port()
+                );
+            }
+        }
+    }
+}
+
 /// The TLS configuration the flags ask for, if any; each file is read (and checked) now, so
 /// that a bad one is an error at start, not at the first client.
 fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
@@ -144,7 +172,8 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
 }
 
 /// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
-fn socket_activated() -> bool {
+/// Only until the server has started: taking the sockets unsets the variables.
+pub fn socket_activated() -> bool {
     cfg!(unix) && std::env::var_os("LISTEN_FDS").is_some()
 }
 
