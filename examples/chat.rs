@@ -11,6 +11,14 @@
 //! The library's default idle timeout applies: a client that neither sends nor receives
 //! anything for 300 seconds (it stopped reading, or the room is silent) is disconnected. When
 //! the server stops (Ctrl-C), every client is told `server shutting down` before it is closed.
+//!
+//! Copied into a crate of your own, it needs these beside `taskserve`:
+//!
+//! ```toml
+//! [dependencies]
+//! env_logger = { version = "0.11", default-features = false }  # the log on stderr
+//! smol = "2"  # a channel per client, and racing futures with `or`
+//! ```
 
 use std::collections::HashMap;
 use std::process::ExitCode;
