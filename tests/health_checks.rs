@@ -59,15 +59,24 @@ fn capture_log() {
 /// An echo server behind the PROXY protocol (trusting loopback), and the client addresses its
 /// start hook sees, each once its header has been read.
 fn proxy_echo() -> (Server, Receiver<taskserve::Addr>) {
+    proxy_echo_over(None)
+}
+
+/// As [`proxy_echo`], its listener speaking TLS with `tls` if given.
+fn proxy_echo_over(tls: Option<taskserve::TlsConfig>) -> (Server, Receiver<taskserve::Addr>) {
     let (started, starts) = mpsc::channel();
     let started = Mutex::new(started);
-    let server = Server::builder()
+    let builder = Server::builder()
         .threads(2)
         .proxy_protocol(ProxyProtocol::new())
         .on_connection_start(move |info| {
             let _ = started.lock().unwrap().send(info.peer_addr.clone());
-        })
-        .listen_tcp("127.0.0.1:0")
+        });
+    let builder = match tls {
+        Some(tls) => builder.listen_tls("127.0.0.1:0", tls),
+        None => builder.listen_tcp("127.0.0.1:0"),
+    };
+    let server = builder
         .start(taskserve::echo)
         .expect("start on an ephemeral port");
     (server, starts)
@@ -208,5 +217,18 @@ fn a_client_behind_a_proxy_that_resets_is_peer_reset() {
     wait_for_closed(&server, 1);
     let stats = server.stats();
     assert_eq!(stats.closed(CloseReason::PeerReset), 1, "{stats:?}");
+    server.stop();
+}
+
+#[test]
+fn a_health_check_on_a_tls_port_that_resets_before_any_handshake_is_a_health_check() {
+    let files = common::tls::TlsFiles::new();
+    let (server, starts) = proxy_echo_over(Some(files.config()));
+    let (check, _) = local_connection(&server, &starts);
+    reset(check);
+    wait_for_closed(&server, 1);
+    let stats = server.stats();
+    assert_eq!(stats.closed(CloseReason::HealthCheck), 1, "{stats:?}");
+    assert_eq!(stats.closed(CloseReason::HandshakeFailed), 0, "{stats:?}");
     server.stop();
 }
