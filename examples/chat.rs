@@ -11,6 +11,14 @@
 //! The library's default idle timeout applies: a client that neither sends nor receives
 //! anything for 300 seconds (it stopped reading, or the room is silent) is disconnected. When
 //! the server stops (Ctrl-C), every client is told `server shutting down` before it is closed.
+//!
+//! Copied into a crate of your own, it needs these beside `taskserve`:
+//!
+//! ```toml
+//! [dependencies]
+//! env_logger = { version = "0.11", default-features = false }  # the log on stderr
+//! smol = "2"  # a channel per client, and racing futures with `or`
+//! ```
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -69,7 +77,7 @@ impl Drop for Member {
 /// side ends or the server stops.
 /// (`pub` for tests/examples.rs, which serves it in-process.)
 pub async fn chat(room: Arc<Room>, conn: Connection) -> io::Result<()> {
-    let peer = conn.peer_addr().clone();
+    let peer = conn.peer_addr();
     let stop = conn.stop_handle().clone();
     // Two halves, so that one task can wait for a line while it writes the room's messages.
     let (reader, mut writer) = io::split(conn);

@@ -11,6 +11,8 @@
 //!
 //! Without a pipe, type lines and end with Ctrl-D. Each line is sent whole before its reply is
 //! read, so a line must fit in the socket buffers (a few MiB on loopback) or both sides wait.
+//!
+//! It needs only the standard library.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;

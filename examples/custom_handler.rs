@@ -9,6 +9,13 @@
 //!
 //! The library logs each connection (`RUST_LOG=debug` shows more). Ctrl-C stops the server,
 //! giving open connections up to 10 seconds to end.
+//!
+//! Copied into a crate of your own, it needs this beside `taskserve`:
+//!
+//! ```toml
+//! [dependencies]
+//! env_logger = { version = "0.11", default-features = false }  # the log on stderr
+//! ```
 
 use std::process::ExitCode;
 

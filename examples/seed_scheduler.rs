@@ -17,6 +17,13 @@
 //! other (async-executor), holds no buffer for an idle client, caps open connections, closes
 //! idle ones, keeps a panicking handler to its own connection, backs off when out of file
 //! descriptors, and stops gracefully.
+//!
+//! It does not use taskserve. Copied into a crate of your own, it needs:
+//!
+//! ```toml
+//! [dependencies]
+//! polling = "3"  # the poller under async-io: epoll on Linux
+//! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};

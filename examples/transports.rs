@@ -12,6 +12,13 @@
 //! openssl s_client -connect localhost:25443 -quiet           # TLS
 //! socat - UNIX-CONNECT:/tmp/taskserve-transports.sock         # Unix socket
 //! ```
+//!
+//! Copied into a crate of your own, it needs this beside `taskserve`:
+//!
+//! ```toml
+//! [dependencies]
+//! env_logger = { version = "0.11", default-features = false }  # the log on stderr
+//! ```
 
 use std::process::ExitCode;
 

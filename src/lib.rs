@@ -5,9 +5,11 @@
 //! and switches between them whenever one would wait for its socket, with an echo server on
 //! port 25000 that answers every chunk a client sends with `GOT:` followed by that chunk. The
 //! README calls it "the seed". taskserve is that system in Rust, on the smol ecosystem: one
-//! [`async_executor::Executor`] is run by N worker threads, which steal work from each other;
-//! an accept loop per listener and one task per client connection are spawned on it. The seed's
-//! echo server is [`echo`]; any other protocol is a handler function.
+//! [`async_executor::Executor`][Executor] is run by N worker threads, which steal work from each
+//! other; an accept loop per listener and one task per client connection are spawned on it. The
+//! seed's echo server is [`echo`]; any other protocol is a handler function.
+//!
+//! [Executor]: https://docs.rs/async-executor/1/async_executor/struct.Executor.html
 //!
 //! # Examples
 //!
@@ -138,8 +140,10 @@ pub use transport::tls::TlsConfig;
 /// which smol re-exports too, so a handler needs no other dependency.
 pub use smol::io;
 
-/// The rustls version taskserve serves with, for building a [`rustls::ServerConfig`] of your own
-/// ([`TlsConfig::from_server_config`]).
+/// The rustls version taskserve serves with, for building a
+/// [`rustls::ServerConfig`][ServerConfig] of your own ([`TlsConfig::from_server_config`]).
+///
+/// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
 #[cfg(feature = "tls")]
 pub use futures_rustls::rustls;
 

@@ -19,7 +19,8 @@ struct Backend {
 impl Backend {
     fn start() -> Backend {
         let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
-        command.env("RUST_LOG", "info");
+        // Debug: health checks are logged at debug only.
+        command.env("RUST_LOG", "debug");
         let mut process = EchoProcess::start_with(command, &["--proxy-protocol", "--threads", "1"]);
         let log = StderrLog::collect(&mut process);
         Backend { process, log }
@@ -99,8 +100,12 @@ fn haproxy_with_send_proxy_v2_in_front_of_two_echo_processes() {
         "haproxy listens"
     );
     assert!(eventually(|| {
-        first.logged("Connection closed") && second.logged("Connection closed")
+        first.logged(", health check") && second.logged(", health check")
     }));
+    assert!(
+        !first.logged("handler error") && !second.logged("handler error"),
+        "a health check counted as a handler error"
+    );
 
     // Eight clients from four addresses: each backend logs the client's own address and port.
     let mut clients = Vec::new();

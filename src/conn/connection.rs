@@ -73,9 +73,31 @@ impl Connection {
         &self.info
     }
 
-    /// The client's address, as [`ConnectionInfo::peer_addr`].
-    pub fn peer_addr(&self) -> &Addr {
-        &self.info.peer_addr
+    /// The client's address, as [`ConnectionInfo::peer_addr`]: a copy, as std's
+    /// `TcpStream::peer_addr` returns one, so that the connection can be moved (into a
+    /// `BufReader`, a `split`) while the address is kept.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use taskserve::io::{AsyncBufReadExt, BufReader};
+    ///
+    /// async fn lines(conn: taskserve::Connection) -> std::io::Result<()> {
+    ///     let peer = conn.peer_addr();
+    ///     let mut reader = BufReader::new(conn);
+    ///     let mut line = String::new();
+    ///     while reader.read_line(&mut line).await? > 0 {
+    ///         log::info!("{peer} said {line:?}");
+    ///         line.clear();
+    ///     }
+    ///     Ok(())
+    /// }
+    /// # let server = taskserve::Server::builder().listen_tcp("127.0.0.1:0").start(lines)?;
+    /// # server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn peer_addr(&self) -> Addr {
+        self.info.peer_addr.clone()
     }
 
     /// The server's stop handle: [`StopHandle::stopping`] completes when a graceful stop begins,

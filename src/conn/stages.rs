@@ -17,6 +17,7 @@ use log::debug;
 use pin_project_lite::pin_project;
 
 use super::connection::{Connection, Handler};
+use crate::deadline::within;
 use crate::info::ConnectionInfo;
 use crate::limits::per_client::{admit, ClientSlot, PerClient};
 use crate::logging::{log_panic, Peer};
@@ -198,11 +199,44 @@ impl<H: Handler> Steps<H> {
             return None;
         };
         let timeout = self.service.handshake_timeout;
+        if info.proxy.as_ref().is_some_and(|proxy| proxy.local) {
+            // A load balancer's own connection (a v2 LOCAL header): its health checks on a TLS
+            // port often send nothing and close, which is no failed handshake.
+            if let Err(reason) = anything_sent(&tcp, timeout, &self.peer).await {
+                meter.stage_failed(reason);
+                return None;
+            }
+        }
         let (session, closing) = tls::handshake(tcp, &mut info, &tls, timeout, &self.peer).await?;
         let stream = Stream::Tls(Box::new(session));
         let connection = Connection::new(stream, info, self.service.stop.clone(), meter);
         let outcome = self.service.handler.call(connection).await;
         closing.close(timeout, &self.peer).await;
         Some(outcome)
+    }
+}
+
+/// Waits, within `timeout`, for a first byte on a connection that is to start a TLS handshake:
+/// `Err(HealthCheck)` if it closes or resets first (logged at debug), `Err(HandshakeFailed)` if
+/// none comes in time or the socket fails otherwise.
+async fn anything_sent(
+    tcp: &async_net::TcpStream,
+    timeout: Duration,
+    peer: &Peer,
+) -> Result<(), CloseReason> {
+    match within(timeout, "no handshake", tcp.peek(&mut [0])).await {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => {
+            debug!("{peer}: a health check: closed before any TLS handshake");
+            Err(CloseReason::HealthCheck)
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+            debug!("{peer}: a health check: reset before any TLS handshake");
+            Err(CloseReason::HealthCheck)
+        }
+        Err(e) => {
+            debug!("{peer}: TLS handshake failed: {e}");
+            Err(CloseReason::HandshakeFailed)
+        }
     }
 }

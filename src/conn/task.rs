@@ -104,7 +104,7 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
             Some(Ok(Some(Ok(())))) => CloseReason::ClientClosed,
             Some(Ok(Some(Err(e)))) => {
                 log_handler_error(peer, &e);
-                CloseReason::HandlerError
+                error_reason(&e)
             }
             // A stage ended it, and said why.
             Some(Ok(None)) => this.meter.stage_failure(),
@@ -117,9 +117,18 @@ impl<F: Future<Output = io::Result<()>>> Future for ConnectionTask<F> {
                 CloseReason::IdleTimeout
             }
         };
+        let closed = match closed {
+            CloseReason::ClientClosed | CloseReason::PeerReset if this.meter.is_health_check() => {
+                CloseReason::HealthCheck
+            }
+            closed => closed,
+        };
         let summary = this.meter.finish(closed);
-        // A connection dropped before its PROXY header named the client gets neither seed line.
-        if peer.is_known() {
+        // A connection dropped before its PROXY header named the client gets neither seed line;
+        // a health check gets them at debug, so that checks every second do not fill the log.
+        if closed == CloseReason::HealthCheck {
+            debug!("Connection closed: {peer} {summary}");
+        } else if peer.is_known() {
             info!("Connection closed: {peer} {summary}");
         }
         drop(this.slot.take());
@@ -133,6 +142,15 @@ fn drop_handler<F>(handler: Pin<&mut Option<F>>, peer: &Peer) {
     let mut handler = handler;
     if let Err(panic) = panic::catch_unwind(AssertUnwindSafe(|| handler.set(None))) {
         log_panic(peer, &*panic);
+    }
+}
+
+/// How a handler's error ended its connection: a reset by the client (or a write to a client
+/// that had gone) is the client's doing; anything else is the handler's error.
+fn error_reason(e: &io::Error) -> CloseReason {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => CloseReason::PeerReset,
+        _ => CloseReason::HandlerError,
     }
 }
 

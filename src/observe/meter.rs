@@ -36,6 +36,9 @@ pub(crate) struct Meter {
     /// Whether the start hook has run: on a PROXY listener, not until the header names the
     /// client. The end hook runs only for connections the start hook saw.
     announced: AtomicBool,
+    /// Whether its PROXY header was a v2 `LOCAL`: the proxy's own connection, a health check
+    /// if it sends no data.
+    local: AtomicBool,
     /// How a stage before the handler ended the connection, when one did: the index of its
     /// [`CloseReason`] plus one, or 0.
     stage_failure: AtomicU8,
@@ -78,6 +81,7 @@ impl Meter {
             written_flushed: AtomicU64::new(0),
             started: Instant::now(),
             announced: AtomicBool::new(false),
+            local: AtomicBool::new(false),
             stage_failure: AtomicU8::new(0),
             who: counters.hooks.end.as_ref().map(|_| {
                 Box::new(Who {
@@ -100,6 +104,8 @@ impl Meter {
             *who.peer_addr.lock().unwrap_or_else(PoisonError::into_inner) = info.peer_addr.clone();
         }
         self.announced.store(true, Relaxed);
+        let local = info.proxy.as_ref().is_some_and(|proxy| proxy.local);
+        self.local.store(local, Relaxed);
         if let Some(hook) = &self.counters.hooks.start {
             run_hook("on_connection_start", || hook(info));
         }
@@ -116,6 +122,12 @@ impl Meter {
             0 => CloseReason::HandshakeFailed,
             n => CloseReason::ALL[usize::from(n) - 1],
         }
+    }
+
+    /// Whether the connection is a health check so far: its PROXY header was a v2 `LOCAL`, and
+    /// its handler has read nothing since.
+    pub(crate) fn is_health_check(&self) -> bool {
+        self.local.load(Relaxed) && self.read.load(Relaxed) == 0
     }
 
     #[inline]

@@ -53,7 +53,7 @@ pub enum CloseReason {
     ClientClosed,
     /// No activity for the idle timeout.
     IdleTimeout,
-    /// The handler returned an error (a client's reset among them).
+    /// The handler returned an error other than the peer's reset ([`CloseReason::PeerReset`]).
     HandlerError,
     /// The handler panicked.
     HandlerPanic,
@@ -67,11 +67,20 @@ pub enum CloseReason {
     /// The server stopped, and the connection was still open when the drain ran out of time
     /// (or was asked to hurry).
     Stopped,
+    /// The client reset the connection (the handler's read or write failed with
+    /// `ConnectionReset`, or `BrokenPipe` from writing to a client that had gone): the client
+    /// left abruptly, which is no fault of the server's, so not a [`CloseReason::HandlerError`].
+    PeerReset,
+    /// A health check: on a PROXY listener, a connection whose header was a v2 `LOCAL` (the
+    /// load balancer's own, not a client's) that sent no byte after it, and then closed or
+    /// reset. Counted apart so that a dashboard of errors shows none for HAProxy's checks; its
+    /// two log lines are at debug.
+    HealthCheck,
 }
 
 impl CloseReason {
     /// Every way, in the order the metrics list them.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::ClientClosed,
         CloseReason::IdleTimeout,
         CloseReason::HandlerError,
@@ -80,11 +89,13 @@ impl CloseReason {
         CloseReason::ProxyHeaderFailed,
         CloseReason::PerClientLimit,
         CloseReason::Stopped,
+        CloseReason::PeerReset,
+        CloseReason::HealthCheck,
     ];
 
     /// The value of the metric's `reason` label: `client_closed`, `idle_timeout`,
     /// `handler_error`, `handler_panic`, `handshake_failed`, `proxy_header_failed`,
-    /// `per_client_limit`, `stopped`.
+    /// `per_client_limit`, `stopped`, `peer_reset`, `health_check`.
     pub fn label(self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
@@ -95,6 +106,8 @@ impl CloseReason {
             CloseReason::ProxyHeaderFailed => "proxy_header_failed",
             CloseReason::PerClientLimit => "per_client_limit",
             CloseReason::Stopped => "stopped",
+            CloseReason::PeerReset => "peer_reset",
+            CloseReason::HealthCheck => "health_check",
         }
     }
 
@@ -104,7 +117,8 @@ impl CloseReason {
 }
 
 /// `client closed`, `idle timeout`, `handler error`, `handler panic`, `handshake failed`,
-/// `closed by a stop`: as the log's `Connection closed` line ends.
+/// `closed by a stop`, `reset by the client`, `health check`: as the log's `Connection closed`
+/// line ends.
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -116,6 +130,8 @@ impl fmt::Display for CloseReason {
             CloseReason::ProxyHeaderFailed => "no valid PROXY header",
             CloseReason::PerClientLimit => "at the per-client limit",
             CloseReason::Stopped => "closed by a stop",
+            CloseReason::PeerReset => "reset by the client",
+            CloseReason::HealthCheck => "health check",
         })
     }
 }

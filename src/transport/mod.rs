@@ -20,6 +20,10 @@ pub(crate) mod tls;
 #[cfg(not(feature = "tls"))]
 #[path = "tls_off.rs"]
 pub(crate) mod tls;
+#[cfg(feature = "tls")]
+mod tls_errors;
+#[cfg(feature = "tls")]
+mod tls_records;
 #[cfg(unix)]
 mod unix;
 

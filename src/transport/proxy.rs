@@ -322,8 +322,13 @@ pub(crate) async fn read_header(
     info.peer_addr = Addr::Inet(client);
     info.proxy = Some(parsed.info);
     peer.set_client(client);
-    // The seed's first line, now that the client is known (see `ConnectionTask::new`).
-    info!("Connection from {peer}");
+    // The seed's first line, now that the client is known (see `ConnectionTask::new`); at debug
+    // for a v2 LOCAL, the proxy's own connection: a health check, unless it sends data.
+    if info.proxy.as_ref().is_some_and(|proxy| proxy.local) {
+        debug!("Connection from {peer} (PROXY LOCAL: a health check unless it sends data)");
+    } else {
+        info!("Connection from {peer}");
+    }
     if client != proxy_addr {
         debug!("{peer}: through the proxy at {proxy_addr}");
     }

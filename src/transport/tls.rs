@@ -18,13 +18,16 @@ use futures_rustls::TlsAcceptor;
 use log::debug;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
+use super::tls_records::RecordTracker;
 use crate::deadline::within;
 use crate::info::{ConnectionInfo, TlsInfo, Transport};
 use crate::logging::Peer;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
-/// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`] of your own. Cheap to
-/// clone; clones share one configuration, so a reload reaches every listener using it.
+/// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
+/// own. Cheap to clone; clones share one configuration, so a reload reaches every listener
+/// using it.
 ///
 /// # Examples
 ///
@@ -36,6 +39,8 @@ use crate::logging::Peer;
 ///     .start(taskserve::echo)?;
 /// # std::io::Result::Ok(())
 /// ```
+///
+/// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
 #[derive(Clone)]
 pub struct TlsConfig(Arc<Reloadable>);
 
@@ -117,7 +122,9 @@ impl TlsConfig {
 
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
     /// and open connections keep theirs. Nothing to do for a configuration given as a
-    /// [`ServerConfig`].
+    /// [`ServerConfig`][ServerConfig].
+    ///
+    /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
     /// # Errors
     ///
@@ -163,10 +170,10 @@ impl TlsConfig {
 }
 
 fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
-    let certs = read_certs(&files.cert)?;
+    let certs = read_certs(&files.cert, Wanted::Certificates)?;
     let key = read_pem_file(&files.key)
         .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
-        .map_err(|e| pem_error(&files.key, "private key", e))?;
+        .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -175,7 +182,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca)? {
+            for cert in read_certs(ca, Wanted::CaCertificates)? {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -189,25 +196,21 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
-        invalid_data(format!(
-            "{} and {} do not go together: {e}",
-            files.cert.display(),
-            files.key.display()
-        ))
-    })?;
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
     let certs = read_pem_file(path)
         .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
-        .map_err(|e| pem_error(path, "certificate", e))?;
+        .map_err(|e| pem_error(path, wanted, e))?;
     if certs.is_empty() {
         return Err(pem_error(
             path,
-            "certificate",
+            wanted,
             rustls::pki_types::pem::Error::NoItemsFound,
         ));
     }
@@ -242,22 +245,6 @@ fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> 
     Ok(pem)
 }
 
-/// `cannot read cert.pem: No such file or directory`, `cert.pem: no certificate in it (not a
-/// PEM file?)`: what was read, and why it failed.
-fn pem_error(path: &Path, what: &str, e: rustls::pki_types::pem::Error) -> io::Error {
-    use rustls::pki_types::pem::Error;
-    let path = path.display();
-    match e {
-        Error::Io(e) => io::Error::new(e.kind(), format!("cannot read {path}: {e}")),
-        Error::NoItemsFound => invalid_data(format!("{path}: no {what} in it (not a PEM file?)")),
-        other => invalid_data(format!("{path}: not a valid PEM file: {other}")),
-    }
-}
-
-fn invalid_data(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, message)
-}
-
 /// The TLS handshake of one connection, within `timeout`: the stream then becomes the
 /// decrypted session, `info` learns what was settled, and [`Closing`] ends the session once the
 /// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
@@ -269,7 +256,7 @@ pub(crate) async fn handshake(
     timeout: Duration,
     peer: &Peer,
 ) -> Option<(TlsSession, Closing)> {
-    let accepting = TlsAcceptor::from(tls.current()).accept(tcp);
+    let accepting = TlsAcceptor::from(tls.current()).accept(RecordTracker::new(tcp));
     let stream = match within(timeout, "no handshake", accepting).await {
         Ok(stream) => stream,
         Err(e) => {
@@ -295,8 +282,8 @@ pub(crate) async fn handshake(
     Some((session, closing))
 }
 
-/// A server-side TLS stream over TCP.
-type ServerStream = futures_rustls::server::TlsStream<async_net::TcpStream>;
+/// A server-side TLS stream over TCP, whose record framing is followed (see [`RecordTracker`]).
+type ServerStream = futures_rustls::server::TlsStream<RecordTracker<async_net::TcpStream>>;
 
 /// A TLS session as its handler holds it. Dropped, it hands its stream back to the connection's
 /// task ([`Closing::close`]), because ending a session takes more than a drop can do: what the
@@ -316,6 +303,33 @@ impl TlsSession {
                 .as_mut()
                 .expect("a TlsSession has its stream until dropped"),
         )
+    }
+
+    /// A read's result as the handler sees it: a client that closed its socket without
+    /// close_notify, at the end of a record, has closed (`Ok(0)`), as Go's crypto/tls takes
+    /// it; in the middle of a record, what it sent was cut short, and that stays an error.
+    fn eof_without_close_notify(
+        &mut self,
+        read: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let Poll::Ready(Err(e)) = &read else {
+            return read;
+        };
+        let Some(stream) = self.stream.as_mut() else {
+            return read;
+        };
+        let (records, _) = stream.get_mut();
+        if e.kind() != io::ErrorKind::UnexpectedEof || !records.saw_eof() {
+            return read;
+        }
+        if records.ended_between_records() {
+            records.missing_close_notify = true;
+            return Poll::Ready(Ok(0));
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed in the middle of a TLS record, without close_notify: what it sent was cut short",
+        )))
     }
 }
 
@@ -337,7 +351,9 @@ impl AsyncRead for TlsSession {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_read(cx, buf)
+        let this = self.get_mut();
+        let read = this.stream().poll_read(cx, buf);
+        this.eof_without_close_notify(read)
     }
 
     fn poll_read_vectored(
@@ -345,7 +361,9 @@ impl AsyncRead for TlsSession {
         cx: &mut Context<'_>,
         bufs: &mut [io::IoSliceMut<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_read_vectored(cx, bufs)
+        let this = self.get_mut();
+        let read = this.stream().poll_read_vectored(cx, bufs);
+        this.eof_without_close_notify(read)
     }
 }
 
@@ -389,6 +407,9 @@ impl Closing {
         let Some(mut stream) = stream else {
             return;
         };
+        if stream.get_ref().0.missing_close_notify {
+            debug!("{peer}: closed its socket without TLS close_notify, at a record's end: taken as its close");
+        }
         // An error means the client left first or did not read: nothing more to do for it.
         if let Err(e) = within(timeout, "not closed", stream.close()).await {
             debug!("{peer}: TLS close: {e}");

@@ -7,6 +7,8 @@ use argh::{ArgsInfo, FromArgs};
 
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
 #[derive(FromArgs, ArgsInfo, Debug)]
+// `-h` as well as argh's own two, so that the help lists the short form everyone types.
+#[argh(help_triggers("-h", "--help", "help"))]
 pub struct Args {
     /// worker threads that run the executor, 1 to 1024 (default: the number of CPUs)
     #[argh(
@@ -22,7 +24,7 @@ pub struct Args {
 
     /// address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or :: for all
     /// interfaces; IPv6 with or without brackets)
-    #[argh(option, default = "String::from(\"127.0.0.1\")")]
+    #[argh(option, default = "String::from(DEFAULT_HOST)")]
     pub host: String,
 
     /// connections served at once; past it new ones are closed at once (default 10000)
@@ -123,6 +125,9 @@ pub struct Args {
     #[argh(switch, short = 'V')]
     pub version: bool,
 }
+
+/// `--host` unless given: this machine only.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
 
 /// The most `--threads` takes, as its help says. Above the core count threads only take turns on
 /// the cores (the largest machines have a few hundred), and each one costs a stack and a few

@@ -85,9 +85,9 @@ fn parse_args(command: &str, args: &[OsString]) -> Result<Args, ExitCode> {
     })
 }
 
-/// Rewrites two spellings users type and argh rejects: `--name=value` for an option becomes
-/// `--name value`, and `-h` becomes `--help`. A switch keeps its `=` (`--quiet=no` stays an
-/// error), and an option's value is passed on as it is, even if it looks like a flag.
+/// Rewrites a spelling users type and argh rejects: `--name=value` for an option becomes
+/// `--name value`. A switch keeps its `=` (`--quiet=no` stays an error), and an option's value
+/// is passed on as it is, even if it looks like a flag.
 fn argh_spelling(args: &[String]) -> Vec<String> {
     let flags = Args::get_args_info().flags;
     let is_option = |name: &str| {
@@ -98,9 +98,7 @@ fn argh_spelling(args: &[String]) -> Vec<String> {
     let mut spelled = Vec::with_capacity(args.len() + 1);
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        if arg == "-h" {
-            spelled.push("--help".to_string());
-        } else if is_option(arg) {
+        if is_option(arg) {
             spelled.push(arg.clone());
             spelled.extend(args.next().cloned());
         } else {
@@ -117,7 +115,9 @@ fn argh_spelling(args: &[String]) -> Vec<String> {
 
 fn run(args: &Args) -> io::Result<()> {
     setup::raise_open_file_limit(args.max_connections);
+    let activated = setup::socket_activated();
     let server = setup::builder(args)?.start(taskserve::echo)?;
+    setup::warn_of_inherited_sockets_on_all_interfaces(args, activated, &server);
     for line in setup::listening_lines(&server) {
         // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe
         // because its output is its whole job and nobody wants it any more; a server's job is

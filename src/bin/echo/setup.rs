@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use taskserve::Builder;
 
-use super::args::Args;
+use super::args::{Args, DEFAULT_HOST};
 
 /// The builder the flags ask for: options, then listeners. The flags are checked in the order
 /// a user meets them (TLS files, PROXY, listeners, --no-tcp last), so that one mistake gives the
@@ -66,14 +66,7 @@ fn listeners(
         (None, None) => {}
     }
     if let Some(addr) = &args.metrics {
-        // Resolved now, so that an error names the flag.
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}"))
-            })?
-            .collect();
-        builder = builder.listen_metrics(&addrs[..]);
+        builder = builder.listen_metrics(&metrics_addrs(addr)?[..]);
     }
     if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
         return Err(usage(
@@ -81,6 +74,24 @@ fn listeners(
         ));
     }
     Ok(builder)
+}
+
+/// The addresses `--metrics ADDR` names, resolved now so that an error names the flag. A bare
+/// port (`--metrics 25090`, the usual slip) gets the address it was probably meant as.
+fn metrics_addrs(addr: &str) -> io::Result<Vec<SocketAddr>> {
+    if !addr.contains(':') {
+        let example = match addr.parse::<u16>() {
+            Ok(port) => format!("127.0.0.1:{port}"),
+            Err(_) => format!("{addr}:25090"),
+        };
+        return Err(usage(&format!(
+            "--metrics wants host:port, not {addr:?}: try --metrics {example} \
+             (0.0.0.0:PORT to be scraped from other machines)"
+        )));
+    }
+    addr.to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve --metrics {addr:?}: {e}")))
 }
 
 /// One line per listener, on stdout whatever the log level, all printed before serving:
@@ -108,6 +119,34 @@ pub fn listening_lines(server: &taskserve::Server) -> Vec<String> {
         lines.push(format!("listening on {addr} (metrics)"));
     }
     lines
+}
+
+/// Warns when a socket passed by systemd listens on every interface while `--host` was left at
+/// its default, this machine only: the flag does not apply to an inherited socket, and
+/// `systemd-socket-activate -l 25000` or `ListenStream=25000` bind all interfaces, so a user who
+/// relied on the default would serve the network without knowing it.
+/// `activated` is [`socket_activated`] before the server started, which takes the variables.
+pub fn warn_of_inherited_sockets_on_all_interfaces(
+    args: &Args,
+    activated: bool,
+    server: &taskserve::Server,
+) {
+    if !activated || args.host != DEFAULT_HOST {
+        return;
+    }
+    for (addr, _) in server.local_addrs() {
+        if let taskserve::Addr::Inet(addr) = addr {
+            if addr.ip().is_unspecified() {
+                log::warn!(
+                    "listening on {addr}, every interface, as the socket systemd passed was \
+                     bound (--host applies only to sockets echo binds itself): for this machine \
+                     only, bind it to 127.0.0.1 (ListenStream=127.0.0.1:{port}, \
+                     systemd-socket-activate -l 127.0.0.1:{port})",
+                    port = addr.port()
+                );
+            }
+        }
+    }
 }
 
 /// The TLS configuration the flags ask for, if any; each file is read (and checked) now, so
@@ -142,7 +181,8 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
 }
 
 /// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
-fn socket_activated() -> bool {
+/// Only until the server has started: taking the sockets unsets the variables.
+pub fn socket_activated() -> bool {
     cfg!(unix) && std::env::var_os("LISTEN_FDS").is_some()
 }
 
