@@ -2,8 +2,12 @@
 //! `//!` header lists (in a ```toml block), as a user who copies it would. Inside this repository
 //! `cargo run --example` sees every dev-dependency, so it cannot tell.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::standalone_target_dir;
 
 /// The lines of the ```toml block in `source`'s `//!` header, `[dependencies]` left out.
 fn header_dependencies(source: &str) -> Vec<String> {
@@ -40,13 +44,9 @@ fn build_alone(root: &Path, example: &str) -> Result<(), String> {
     let output = Command::new(env!("CARGO"))
         .args(["build", "--offline", "--quiet"])
         .current_dir(&dir)
-        // One target directory for all of them: taskserve and its dependencies build once.
-        .env(
-            "CARGO_TARGET_DIR",
-            root.join("target")
-                .join("standalone-examples")
-                .join("target"),
-        )
+        // One target directory for all of them and the README's: taskserve and its
+        // dependencies build once.
+        .env("CARGO_TARGET_DIR", standalone_target_dir())
         .env_remove("RUSTFLAGS")
         .output()
         .expect("run cargo");

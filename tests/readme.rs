@@ -2,8 +2,12 @@
 //! README prints, as a user would copy them. (Doctests cannot tell: they see this crate's
 //! dev-dependencies too.)
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::standalone_target_dir;
 
 /// The fenced blocks of `markdown` whose info string starts with `lang`, in order.
 fn blocks<'a>(markdown: &'a str, lang: &str) -> Vec<&'a str> {
@@ -56,6 +60,8 @@ fn readme_library_examples_build_in_a_separate_crate_with_the_printed_dependenci
     let output = Command::new(env!("CARGO"))
         .args(["build", "--offline", "--quiet", "--bins"])
         .current_dir(&dir)
+        // Shared with tests/examples_standalone.rs: taskserve and its dependencies build once.
+        .env("CARGO_TARGET_DIR", standalone_target_dir())
         .env_remove("RUSTFLAGS")
         .output()
         .expect("run cargo");

@@ -503,3 +503,12 @@ pub fn proxy_v2(addresses: Option<(SocketAddr, SocketAddr)>, tlvs: &[(u8, &[u8])
     header.extend(body);
     header
 }
+
+/// The target directory of the crates that tests build apart from this one, as a user's crate
+/// that depends on taskserve (the README's examples, each example alone): one for all, so that
+/// taskserve and its dependencies build once.
+pub fn standalone_target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("standalone-crates")
+}
