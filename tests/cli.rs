@@ -4,10 +4,11 @@ mod common;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::{
-    connect, eventually, round_trip, run_echo, run_to_exit, worker_thread_names, EchoProcess,
+    connect, eventually, exit_within_patience, round_trip, run_echo, run_to_exit,
+    worker_thread_names, ChildGuard, EchoProcess,
 };
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
@@ -85,15 +86,16 @@ fn pipe_nobody_reads() -> Stdio {
 
 /// `echo` with `args`, its stdout and stderr pipes nobody reads, logging at debug so that it
 /// writes to them as much as it can.
-fn spawn_echo_into_closed_pipes(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_echo"))
+fn spawn_echo_into_closed_pipes(args: &[&str]) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_echo"))
         .args(args)
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(pipe_nobody_reads())
         .stderr(pipe_nobody_reads())
         .spawn()
-        .expect("start the echo binary")
+        .expect("start the echo binary");
+    ChildGuard::new(child)
 }
 
 /// The TCP port process `pid` listens on, from the kernel's socket table: for a server whose
@@ -158,13 +160,8 @@ fn messages_into_a_closed_pipe_keep_their_exit_code() {
         (&["--port", &port], 1),
     ];
     for (args, code) in cases {
-        let mut child = spawn_echo_into_closed_pipes(args);
-        let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
-        if !exited {
-            let _ = child.kill();
-        }
-        let status = child.wait().expect("wait for echo");
-        assert!(exited, "echo {args:?} still ran after the patience");
+        let child = spawn_echo_into_closed_pipes(args);
+        let status = exit_within_patience(child, &format!("echo {args:?}")).status;
         // A panic would be 101.
         assert_eq!(status.code(), Some(code), "exit code of echo {args:?}");
     }

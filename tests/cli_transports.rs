@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::tls::{server_cert, tls_connect, tls_round_trip, write_pair, TlsFiles};
 use common::*;
@@ -29,39 +28,26 @@ fn start_tls_echo(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
 /// `GOT:Hello` (or fails after [`PATIENCE`]); then ends it. The way a user tries a client by
 /// hand: type a line, see the reply.
 fn client_gets_its_reply(program: &str, args: &[&str]) {
-    let mut client = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{program} runs (.ci/run installs it): {e}"));
+    let mut client = ChildGuard::new(
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} runs (.ci/run installs it): {e}")),
+    );
     client
         .stdin
         .as_mut()
         .unwrap()
         .write_all(b"Hello\n")
         .unwrap();
-    let stdout = client.stdout.take().unwrap();
-    let (lines, got) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let deadline = Instant::now() + PATIENCE;
-    let mut seen = Vec::new();
-    let answered = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match got.recv_timeout(left) {
-            Ok(line) if line.trim_end() == "GOT:Hello" => break true,
-            Ok(line) => seen.push(line),
-            Err(_) => break false,
-        }
-    };
-    let _ = client.kill();
-    let _ = client.wait();
-    assert!(answered, "{program}: no GOT:Hello in {seen:?}");
+    let mut stdout = Lines::read(
+        client.stdout.take().unwrap(),
+        &format!("{program}'s stdout"),
+    );
+    stdout.find(|line| line.trim_end() == "GOT:Hello");
 }
 
 #[test]
@@ -153,8 +139,7 @@ fn echo_serves_tcp_tls_and_a_unix_socket_at_once_with_a_line_for_each() {
 fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_session() {
     let files = TlsFiles::new();
     let mut echo = start_tls_echo(&files, &[]);
-    let log = BufReader::new(echo.stderr());
-    let mut log = log.lines().map_while(Result::ok);
+    let mut log = echo.stderr_lines();
     let mut old = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
     tls_round_trip(&mut old, b"before").unwrap();
     assert_eq!(server_cert(&old), files.server.cert);
@@ -162,7 +147,7 @@ fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_sess
     // A broken pair is refused: the error is logged and the old pair stays in use.
     std::fs::write(&files.key, "not a key").unwrap();
     echo.signal("HUP");
-    let line = log.find(|line| line.contains("SIGHUP")).unwrap();
+    let line = log.find(|line| line.contains("SIGHUP"));
     assert!(
         line.contains("ERROR") && line.contains("server.key"),
         "{line}"
@@ -174,7 +159,7 @@ fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_sess
     let renewed = files.ca.server_pair();
     write_pair(&files.dir, "server", &renewed);
     echo.signal("HUP");
-    let line = log.find(|line| line.contains("SIGHUP")).unwrap();
+    let line = log.find(|line| line.contains("SIGHUP"));
     assert!(line.contains("reloaded"), "{line}");
     let new = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
     assert_eq!(server_cert(&new), renewed.cert);
@@ -258,24 +243,24 @@ fn no_tcp_with_only_a_unix_socket_serves_there() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("nothing to listen on"), "{stderr}");
 
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, format!("listening on {path} (unix, 1 thread)\n"));
+    let mut child = ChildGuard::new(
+        command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = Lines::read(child.stdout.take().unwrap(), "echo's stdout");
+    assert_eq!(
+        stdout.next_line(),
+        format!("listening on {path} (unix, 1 thread)")
+    );
     let mut client = UnixStream::connect(&socket).unwrap();
     client.set_read_timeout(Some(PATIENCE)).unwrap();
     client.write_all(b"hi").unwrap();
     let mut reply = [0; 6];
     client.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"GOT:hi");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Runs `openssl` with `args` in `dir`; fails the test if it fails.

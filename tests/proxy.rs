@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::mpsc;
@@ -266,30 +266,19 @@ fn echo_logs_the_client_from_the_header_not_the_proxy() {
     let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
     command.env("RUST_LOG", "info");
     let mut server = EchoProcess::start_with(command, &["--proxy-protocol", "--threads", "1"]);
-    let mut log = BufReader::new(server.stderr());
+    let mut log = server.stderr_lines();
     let mut client = connect(server.addr);
     client
         .write_all(&proxy_v1(addr("192.0.2.7:40000"), server.addr))
         .unwrap();
     round_trip(&mut client, b"hello");
     drop(client);
-    let mut lines = Vec::new();
-    for _ in 0..50 {
-        let mut line = String::new();
-        if log.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        let done = line.contains("Connection closed");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    let text = lines.concat();
-    assert!(text.contains("Connection from 192.0.2.7:40000"), "{text}");
+    let from = log.find(|line| line.contains("Connection from"));
+    assert!(from.contains("Connection from 192.0.2.7:40000"), "{from}");
+    let closed = log.find(|line| line.contains("Connection closed"));
     assert!(
-        text.contains("Connection closed: 192.0.2.7:40000"),
-        "{text}"
+        closed.contains("Connection closed: 192.0.2.7:40000"),
+        "{closed}"
     );
 }
 

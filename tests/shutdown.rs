@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -488,16 +488,12 @@ fn connections_can_be_read_while_another_thread_waits() {
 #[test]
 fn sighup_is_logged_and_the_server_keeps_serving() {
     let mut server = EchoProcess::start(&["--threads", "1"]);
-    let stderr = server.stderr();
+    let mut log = server.stderr_lines();
     let mut client = connect(server.addr);
     round_trip(&mut client, b"before");
     server.signal("HUP");
-    let mut lines = BufReader::new(stderr).lines();
-    let logged = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|line| line.contains("SIGHUP"));
-    assert!(logged.is_some_and(|line| line.contains("still serving")));
+    let logged = log.find(|line| line.contains("SIGHUP"));
+    assert!(logged.contains("still serving"), "{logged}");
     round_trip(&mut client, b"after");
     assert!(server.child.try_wait().unwrap().is_none(), "echo exited");
     server.signal("TERM");

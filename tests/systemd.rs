@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 
@@ -33,20 +32,21 @@ fn echo_serves_the_socket_systemd_socket_activate_passes() {
         .spawn()
         .expect("run systemd-socket-activate");
     let mut server = EchoProcess {
-        child,
+        child: ChildGuard::new(child),
         addr: listen.parse().unwrap(),
         listening: String::new(),
         stdout: None,
     };
-    let stdout = BufReader::new(server.child.stdout.take().unwrap());
+    let mut stdout = Lines::read(server.child.stdout.take().unwrap(), "echo's stdout");
     // It listens before the server starts, and starts it at the first connection: the
     // connect succeeds at once, and the reply comes once the server serves the socket.
     let addr = server.addr;
     let mut client = eventually_connect(addr);
     round_trip(&mut client, b"activated");
-    let mut lines = stdout.lines();
-    let listening = lines.next().expect("a listening line").unwrap();
-    assert_eq!(listening, format!("listening on {listen} (1 thread)"));
+    assert_eq!(
+        stdout.next_line(),
+        format!("listening on {listen} (1 thread)")
+    );
     let mut second = connect(addr);
     round_trip(&mut second, b"again");
     drop((client, second)); // or the stop would wait for them

@@ -7,7 +7,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -256,14 +256,134 @@ impl Drop for TempDir {
     }
 }
 
+/// A child process, killed and reaped when dropped: a test puts each child it spawns under one
+/// right away, so that an assertion failing before the end leaves nothing running.
+#[derive(Debug)]
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard(child)
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines a child writes to a pipe (its stdout or stderr), read by a thread as they come: a
+/// test waits for a line for [`PATIENCE`] at most, never for ever, and the child never blocks
+/// on a full pipe.
+pub struct Lines {
+    /// In a mutex only so that a process holding its `Lines` can be shared between threads.
+    lines: Mutex<mpsc::Receiver<String>>,
+    /// What the pipe is, for failure messages: `"echo's stdout"`.
+    what: String,
+    /// The lines taken so far, for failure messages.
+    taken: Vec<String>,
+}
+
+impl Lines {
+    pub fn read(pipe: impl Read + Send + 'static, what: &str) -> Lines {
+        let (sender, lines) = mpsc::channel();
+        // Ends at end of file, when the child exits (or is killed by its guard).
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            lines: Mutex::new(lines),
+            what: what.to_string(),
+            taken: Vec::new(),
+        }
+    }
+
+    /// The next line, without its newline; panics if none comes within [`PATIENCE`] or the pipe
+    /// closes first.
+    pub fn next_line(&mut self) -> String {
+        match self.lines.get_mut().unwrap().recv_timeout(PATIENCE) {
+            Ok(line) => {
+                self.taken.push(line.clone());
+                line
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "no line on {} in {PATIENCE:?}; before: {:?}",
+                self.what, self.taken
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{} closed; its lines: {:?}", self.what, self.taken)
+            }
+        }
+    }
+
+    /// The first line from here on for which `wanted` is true; panics if none comes within
+    /// [`PATIENCE`] or the pipe closes first.
+    pub fn find(&mut self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.get_mut().unwrap().recv_timeout(left) {
+                Ok(line) => {
+                    self.taken.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no such line on {} ({e:?} after {PATIENCE:?}); its lines: {:?}",
+                    self.what, self.taken
+                ),
+            }
+        }
+    }
+
+    /// Every line left until the pipe closes (the child has exited); panics if it is still open
+    /// after [`PATIENCE`].
+    pub fn rest(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut rest = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.get_mut().unwrap().recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return rest,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{} still open after {PATIENCE:?}; its last lines: {rest:?}",
+                    self.what
+                ),
+            }
+        }
+    }
+}
+
 /// The `echo` binary, running: killed when dropped.
 pub struct EchoProcess {
-    pub child: Child,
+    pub child: ChildGuard,
     pub addr: SocketAddr,
     /// The line it printed, `listening on ADDR (N threads)`.
     pub listening: String,
     /// The rest of its stdout: the other listeners' lines (`None` if not piped).
-    pub stdout: Option<BufReader<ChildStdout>>,
+    pub stdout: Option<Lines>,
 }
 
 impl EchoProcess {
@@ -284,12 +404,9 @@ impl EchoProcess {
     /// As [`EchoProcess::start_with`], without adding `--port 0`: `args` must choose port 0
     /// themselves, however they spell it.
     pub fn start_as_given(command: Command, args: &[&str]) -> EchoProcess {
-        let mut child = spawn(command, args);
-        let mut listening = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout
-            .read_line(&mut listening)
-            .expect("read the listening line");
+        let mut child = ChildGuard::new(spawn(command, args));
+        let mut stdout = Lines::read(child.stdout.take().unwrap(), "echo's stdout");
+        let listening = stdout.next_line();
         let addr = listening
             .strip_prefix("listening on ")
             .and_then(|rest| rest.split(' ').next())
@@ -298,22 +415,24 @@ impl EchoProcess {
         EchoProcess {
             child,
             addr,
-            listening: listening.trim_end().to_string(),
+            listening,
             stdout: Some(stdout),
         }
     }
 
-    /// The next line it printed on stdout, without its newline.
+    /// The next line it printed on stdout, without its newline, waited for up to [`PATIENCE`].
     pub fn next_line(&mut self) -> String {
-        let mut line = String::new();
-        let stdout = self.stdout.as_mut().expect("stdout piped");
-        stdout.read_line(&mut line).expect("read stdout");
-        line.trim_end().to_string()
+        self.stdout.as_mut().expect("stdout piped").next_line()
     }
 
     /// Its stderr, where the log goes.
     pub fn stderr(&mut self) -> ChildStderr {
         self.child.stderr.take().expect("stderr taken once")
+    }
+
+    /// Its stderr, read line by line as it comes: for a test that waits for a log line.
+    pub fn stderr_lines(&mut self) -> Lines {
+        Lines::read(self.stderr(), "echo's stderr")
     }
 
     /// Its resident memory in KiB, from `/proc`.
@@ -349,13 +468,6 @@ impl EchoProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -413,18 +525,40 @@ pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
 
 /// As [`run_echo`], for a prepared command (another binary, or a wrapper around one).
 pub fn run_to_exit(command: Command, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = spawn(command, args);
-    let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
-    if !exited {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("collect echo's output");
-    assert!(exited, "echo {args:?} still ran after {PATIENCE:?}");
+    let output = exit_within_patience(ChildGuard::new(spawn(command, args)), &format!("{args:?}"));
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Waits for `child` to exit by itself, reading its stdout and stderr if they are piped (so
+/// that it never blocks on a full pipe); returns how it exited and what it wrote. Fails the
+/// test (and kills it) if it still runs after [`PATIENCE`]; `what` names it then.
+pub fn exit_within_patience(mut child: ChildGuard, what: &str) -> std::process::Output {
+    fn read_all(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let mut status = None;
+    let exited = eventually(|| {
+        status = child.try_wait().expect("wait for the child");
+        status.is_some()
+    });
+    assert!(exited, "{what} still ran after {PATIENCE:?}");
+    std::process::Output {
+        status: status.unwrap(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 /// The sorted names of the worker threads (`taskserve-w*`) of process `pid` (a number, or
