@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 
 use common::{
-    connect, eventually, exit_within_patience, round_trip, run_echo, run_to_exit,
-    worker_thread_names, ChildGuard, EchoProcess,
+    connect, eventually, exit_within_patience, require_ipv6_loopback, round_trip, run_echo,
+    run_to_exit, worker_thread_names, ChildGuard, EchoProcess,
 };
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
@@ -188,10 +188,7 @@ fn echo_prints_its_address_and_thread_count_and_answers_with_got() {
 
 #[test]
 fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
-    if TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: this machine has no IPv6 loopback");
-        return;
-    }
+    require_ipv6_loopback();
     // Bare, and in brackets as the listening line prints it.
     for host in ["::1", "[::1]"] {
         let echo = EchoProcess::start(&["--host", host, "--threads", "1"]);
@@ -413,7 +410,8 @@ fn the_listening_line_is_said_once_on_stdout_not_again_in_the_log() {
 }
 
 #[test]
-fn ipv4_clients_of_a_dual_stack_server_are_logged_as_ipv4() {
+fn ipv4_clients_of_a_dual_stack_server_over_ipv6_are_logged_as_ipv4() {
+    require_ipv6_loopback();
     // Over IPv4 to a `::` listener: the kernel hands the server an IPv4-mapped IPv6 address.
     let (client_addr, log) = log_of_one_client_via(&["--threads", "1", "--host", "::"], |addr| {
         SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))

@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -27,14 +26,6 @@ fn reported(reports: &mpsc::Receiver<ConnectionInfo>) -> ConnectionInfo {
     reports
         .recv_timeout(PATIENCE)
         .expect("the handler reports its connection")
-}
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 #[test]

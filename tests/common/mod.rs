@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, ChildStderr, Command, Stdio};
@@ -575,10 +575,30 @@ pub fn worker_thread_names(pid: impl std::fmt::Display) -> Vec<String> {
     names
 }
 
+/// `s` as an IP address: `ip("127.0.0.2")`.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `s` as a socket address: `addr("192.0.2.1:1000")`.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Fails the test, saying why, unless this machine has an IPv6 loopback. The tests that need
+/// it have `over_ipv6` in their names: on a machine without IPv6, `cargo test -- --skip
+/// over_ipv6` leaves them out, and cargo's summary shows them filtered out. A test that
+/// returned early instead would pass on any start-up error, a regression included.
+pub fn require_ipv6_loopback() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        panic!("IPv6 loopback is missing on this machine ({e}): run with --skip over_ipv6");
+    }
+}
+
 /// Connects to `addr` from the local address `from` (`127.0.0.2`, `::1`...: any loopback
 /// address is this machine's), with the timeouts of [`connect`]: a client with an address of
 /// its own, for per-client limits and PROXY sources.
-pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+pub fn connect_from(from: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(from, 0).into())?;
