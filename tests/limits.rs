@@ -34,22 +34,11 @@ fn served(addr: SocketAddr, timeout: Duration) -> bool {
         && read_payload(&mut stream, message.len()).is_ok_and(|echoed| echoed == message)
 }
 
-/// Waits for the server to close `stream` (end of file, or a reset when it had data it did not
-/// read) and returns how long that took; panics if data arrives or nothing happens within
-/// [`PATIENCE`].
-fn wait_for_close(stream: &mut TcpStream, who: &str) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0; 1024];
-    match stream.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{who}: got {n} bytes instead of a close"),
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset) => {}
-        Err(e) => panic!(
-            "{who}: not closed by the server ({e}) after {:?}",
-            start.elapsed()
-        ),
-    }
-    start.elapsed()
+/// Waits for the server to close `stream` without sending a byte (end of file, or a reset when
+/// it had data it did not read) and returns how long that took; panics, naming `who`, if data
+/// arrives or nothing happens within [`PATIENCE`].
+fn closed_by_the_server(stream: &mut TcpStream, who: &str) -> Duration {
+    wait_for_silent_close(stream, PATIENCE).unwrap_or_else(|e| panic!("{who}: {e}"))
 }
 
 /// User plus system CPU time a process has used, from `/proc/PID/stat`.
@@ -191,7 +180,7 @@ fn idle_client_is_closed_after_the_idle_timeout() {
     // Measured from before the last message: the server's last activity comes after it.
     let start = Instant::now();
     round_trip(&mut client, b"hello");
-    wait_for_close(&mut client, "idle client");
+    closed_by_the_server(&mut client, "idle client");
     let closed_after = start.elapsed();
     println!("idle client closed after {closed_after:?}");
     assert!(
@@ -267,7 +256,7 @@ fn binary_closes_idle_connections_and_logs_the_peer() {
     let peer = client.local_addr().unwrap().to_string();
     let start = Instant::now();
     round_trip(&mut client, b"hello");
-    wait_for_close(&mut client, "idle client");
+    closed_by_the_server(&mut client, "idle client");
     let closed_after = start.elapsed();
     println!("echo --idle-timeout 1 closed an idle client after {closed_after:?}");
     assert!(closed_after >= Duration::from_millis(950) && closed_after < Duration::from_secs(5));
@@ -289,7 +278,7 @@ fn connection_beyond_max_is_refused_until_one_closes() {
     assert_eq!(server.connections(), 3);
 
     let mut fourth = connect(addr);
-    let closed_after = wait_for_close(&mut fourth, "fourth client");
+    let closed_after = closed_by_the_server(&mut fourth, "fourth client");
     println!("the fourth client was closed after {closed_after:?}");
     assert_eq!(server.connections(), 3);
 
@@ -311,7 +300,7 @@ fn refusal_warnings_are_rate_limited() {
     round_trip(&mut held, b"served");
     let start = Instant::now();
     for n in 0..300 {
-        wait_for_close(&mut connect(server.addr), &format!("refused client {n}"));
+        closed_by_the_server(&mut connect(server.addr), &format!("refused client {n}"));
     }
     let refusing = start.elapsed();
     let peer = held.local_addr().unwrap().to_string();
@@ -576,7 +565,7 @@ fn panicking_handler_closes_only_its_connection() {
         let mut client = connect(addr);
         last_peer = client.local_addr().unwrap().to_string();
         client.write_all(b"panic").unwrap();
-        wait_for_close(&mut client, &format!("panicking connection {n}"));
+        closed_by_the_server(&mut client, &format!("panicking connection {n}"));
         if n % 100 == 99 {
             round_trip(
                 &mut long_lived,

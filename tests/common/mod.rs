@@ -192,6 +192,31 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
     ))
 }
 
+/// Waits up to `limit` for the server to close `stream` without a word: end of file, or a reset
+/// (when it closed with bytes of the client's unread). Returns how long that took; an error if
+/// a byte comes instead (the server served the client), or nothing within `limit`.
+pub fn wait_for_silent_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Duration> {
+    let start = Instant::now();
+    stream.set_read_timeout(Some(limit))?;
+    let mut buf = [0; 1024];
+    match stream.read(&mut buf) {
+        Ok(0) => Ok(start.elapsed()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(start.elapsed()),
+        Ok(n) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{n} bytes came instead of a close: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        )),
+        Err(e) if timed_out(&e) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("still open after {:?}", start.elapsed()),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads `stream` (TCP, TLS...) until the server closes it; returns what came, and how the
 /// reading ended: `Ok` with the number of bytes, or the error the client saw at the close
 /// (rustls reports a close without close_notify as `UnexpectedEof`).
