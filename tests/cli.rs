@@ -405,8 +405,32 @@ fn log_shows_each_client_connecting_and_closing() {
 
 #[test]
 fn the_listening_line_is_said_once_on_stdout_not_again_in_the_log() {
-    let (_, log) = log_of_one_client(&["--threads", "1"]);
-    assert!(!log.contains("listening on"), "log: {log}");
+    let mut echo = start_echo_with_default_logging(&["--threads", "1"]);
+    assert!(
+        echo.listening.starts_with("listening on "),
+        "{}",
+        echo.listening
+    );
+    let mut log = echo.stderr_lines();
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+    // Everything else it printed, up to its exit: no second listening line, on either.
+    let stdout = echo.stdout.as_mut().expect("stdout piped").rest();
+    assert_eq!(
+        stdout,
+        Vec::<String>::new(),
+        "stdout after the listening line"
+    );
+    let log = log.rest();
+    assert!(
+        log.iter().any(|line| line.contains("Connection from")),
+        "log: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|line| line.contains("listening on")),
+        "log: {log:?}"
+    );
 }
 
 #[test]
