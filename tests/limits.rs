@@ -66,34 +66,41 @@ fn a_client_that_does_not_read_is_not_buffered_and_loses_no_data() {
     let mut client = connect(server.addr);
     let mut writer_end = client.try_clone().unwrap();
     let written = AtomicUsize::new(0);
+    let stalled = AtomicBool::new(false);
     let reading_done = AtomicBool::new(false);
     thread::scope(|s| {
         let writer = s.spawn(|| -> io::Result<()> {
-            for chunk in data.chunks(64 * KIB) {
-                writer_end.write_all(chunk)?;
-                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            // A write that sends nothing for STALLED tells that the server stopped reading; the
+            // writer says so and goes on, to send the rest once the client reads.
+            writer_end.set_write_timeout(Some(STALLED))?;
+            let (mut at, mut progress) = (0, Instant::now());
+            while at < data.len() {
+                match writer_end.write(&data[at..data.len().min(at + 64 * KIB)]) {
+                    Ok(n) => {
+                        at += n;
+                        written.store(at, Ordering::Relaxed);
+                        progress = Instant::now();
+                    }
+                    Err(e) if timed_out(&e) && progress.elapsed() < PATIENCE => {
+                        stalled.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             writer_end.shutdown(Shutdown::Write)
         });
 
-        // Sample until the writer has stalled (no progress across 5 samples) or finished: a
-        // server that reads without bound finishes it, and the last sample sees that memory.
+        // Sample until the writer has stalled or finished: a server that reads without bound
+        // finishes it, and the last sample sees that memory.
         let mut peak = baseline;
-        let (mut last, mut still) = (usize::MAX, 0);
         let deadline = Instant::now() + PATIENCE;
-        while still < 5 && !writer.is_finished() {
+        while !stalled.load(Ordering::Relaxed) && !writer.is_finished() {
             assert!(
                 Instant::now() < deadline,
                 "the writer neither stalls nor ends"
             );
             thread::sleep(Duration::from_millis(100)); // the sampling interval
             peak = peak.max(server.rss_kib());
-            let now = written.load(Ordering::Relaxed);
-            (still, last) = if now == last {
-                (still + 1, last)
-            } else {
-                (0, now)
-            };
         }
         peak = peak.max(server.rss_kib());
         let stalled_at = written.load(Ordering::Relaxed);
@@ -367,21 +374,33 @@ fn server_out_of_file_descriptors_backs_off_and_recovers() {
     );
     let out_of_fds = Instant::now();
 
-    // Out of descriptors, with clients waiting: a server that retries at once spins here.
+    // Out of descriptors, with clients waiting: a server that retries at once spins here. What
+    // it may use is measured against a process that does spin, beside it in the same window:
+    // on a busy machine both get less, so a fixed bound would pass more easily the busier the
+    // machine, and this one does not.
+    let spinner = ChildGuard::new(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("run sh"),
+    );
+    let spinner_before = cpu_time(spinner.id());
     let (cpu_before, window_start) = (cpu_time(server.child.id()), Instant::now());
-    thread::sleep(Duration::from_secs(1)); // the measuring window
+    thread::sleep(Duration::from_secs(2)); // the measuring window
     let cpu_used = cpu_time(server.child.id()) - cpu_before;
+    let spun = cpu_time(spinner.id()) - spinner_before;
     let window = window_start.elapsed();
+    drop(spinner);
     assert!(
         server.child.try_wait().unwrap().is_none(),
         "the server died out of descriptors"
     );
     let lines = log.count(&failed);
     let logging = out_of_fds.elapsed();
-    println!("out of descriptors: {cpu_used:?} of CPU in {window:?}, {lines} 'accept failed' lines in {logging:?}");
+    println!("out of descriptors: {cpu_used:?} of CPU in {window:?} (a spinning process: {spun:?}), {lines} 'accept failed' lines in {logging:?}");
     assert!(
-        cpu_used < Duration::from_millis(300),
-        "the server used {cpu_used:?} of CPU in {window:?} while out of descriptors"
+        cpu_used < spun / 10,
+        "the server used {cpu_used:?} of CPU in {window:?} while out of descriptors, a spinning process {spun:?}"
     );
     assert!(
         lines as u64 <= logging.as_secs() + 2,

@@ -141,7 +141,8 @@ fn is_cyclic_part(message: &[u8], at: usize, part: &[u8]) -> bool {
 #[test]
 fn sigterm_lets_streaming_clients_finish_then_exits_0() {
     const CLIENTS: usize = 20;
-    let mut server = EchoProcess::start(&["--quiet", "--threads", "2", "--shutdown-timeout", "5"]);
+    // A shutdown timeout no test run reaches: the exit comes from the drain's end, not from it.
+    let mut server = EchoProcess::start(&["--quiet", "--threads", "2", "--shutdown-timeout", "60"]);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| StreamingClient::start(server.addr, &stop))
@@ -182,7 +183,7 @@ fn sigterm_lets_streaming_clients_finish_then_exits_0() {
     );
     assert_eq!(code, Some(0));
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(60),
         "took {exited:?}, the whole shutdown timeout"
     );
 }
@@ -217,7 +218,7 @@ fn sigterm_closes_connections_still_open_after_the_shutdown_timeout() {
     let exited = signalled.elapsed();
     println!("--shutdown-timeout 1: clients closed after {closed:?}; exit code {code:?} after {exited:?}");
     assert_eq!(code, Some(0));
-    assert!(exited < Duration::from_secs(5), "exited after {exited:?}");
+    assert!(exited < Duration::from_secs(10), "exited after {exited:?}");
 }
 
 #[test]
@@ -236,8 +237,9 @@ fn second_signal_during_the_drain_exits_at_once() {
     let exited = hurried.elapsed();
     println!("second signal: exit code {code:?} after {exited:?}");
     assert_eq!(code, Some(0));
+    // At once, next to the 30 s timeout it would otherwise wait.
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(10),
         "exited {exited:?} after the second signal"
     );
 }
@@ -278,7 +280,7 @@ fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
     );
     let closed = Instant::now();
     stopped
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("stop returns once the last connection has ended");
     println!(
         "stop returned {:?} after the last connection ended",
@@ -314,7 +316,7 @@ fn stop_handle_from_another_thread_makes_wait_return_after_the_drain() {
     );
     drop(client);
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("wait returns once the last connection has ended");
     TcpListener::bind(addr).expect("the port is free after wait returns");
 }
@@ -328,7 +330,7 @@ fn second_stop_request_closes_open_connections_at_once() {
     handle.stop();
     assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("wait returns at once after a second request");
     println!(
         "second stop request: wait returned after {:?}",
@@ -352,7 +354,7 @@ fn one_stop_request_during_stop_closes_open_connections_at_once() {
     handle.stop();
     assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("stop returns at once after a request made during its drain");
 }
 

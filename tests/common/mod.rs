@@ -20,6 +20,11 @@ pub mod tls;
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// How long a write must make no progress for a test to conclude that the peer stopped reading:
+/// every buffer on the way is full. Long enough that a server merely slowed by a busy machine
+/// is not taken for one that stopped.
+pub const STALLED: Duration = Duration::from_secs(2);
+
 /// Starts an echo server with two threads on `127.0.0.1:0`.
 pub fn start_echo() -> Server {
     start_echo_with(Server::builder().threads(2))
