@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 
 use common::{
-    connect, eventually, exit_within_patience, require_ipv6_loopback, round_trip, run_echo,
-    run_to_exit, worker_thread_names, ChildGuard, EchoProcess,
+    connect, eventually, exit_within_patience, listening_ports, require_ipv6_loopback, round_trip,
+    run_echo, run_to_exit, worker_thread_names, ChildGuard, EchoProcess,
 };
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
@@ -98,29 +98,6 @@ fn spawn_echo_into_closed_pipes(args: &[&str]) -> ChildGuard {
     ChildGuard::new(child)
 }
 
-/// The TCP port process `pid` listens on, from the kernel's socket table: for a server whose
-/// stdout cannot tell.
-fn listening_port(pid: u32) -> Option<u16> {
-    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter_map(|link| {
-            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
-            Some(inode.to_string())
-        })
-        .collect();
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
-    // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
-    table.lines().skip(1).find_map(|line| {
-        let columns: Vec<&str> = line.split_whitespace().collect();
-        let inode = columns.get(9)?;
-        if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
-            return None;
-        }
-        u16::from_str_radix(columns.get(1)?.split(':').nth(1)?, 16).ok()
-    })
-}
-
 #[test]
 fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
     let mut child = spawn_echo_into_closed_pipes(&["--port", "0", "--threads", "1"]);
@@ -129,7 +106,7 @@ fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
     let (mut port, mut exit) = (None, None);
     let settled = eventually(|| {
         exit = child.try_wait().expect("wait for echo").map(|s| s.code());
-        port = listening_port(child.id());
+        port = listening_ports(child.id()).first().copied();
         exit.is_some() || port.is_some()
     });
     assert!(settled, "echo neither listened nor exited in time");

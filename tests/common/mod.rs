@@ -231,14 +231,78 @@ pub fn read_to_close(stream: &mut impl Read) -> (Vec<u8>, io::Result<usize>) {
     (received, outcome)
 }
 
-/// A port on 127.0.0.1 that was free a moment ago, for a program that must be told a port
-/// number (HAProxy's configuration, `systemd-socket-activate -l`) rather than pick one with 0.
-/// Another process could take it in between; a test that can use port 0 should.
+/// A port on 127.0.0.1 that was free a moment ago. Another process could take it in between:
+/// see [`spawn_on_a_free_port`].
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("an ephemeral port")
         .port()
+}
+
+/// The TCP ports process `pid` listens on, from the kernel's socket tables: for a program that
+/// does not say which.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let sockets: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
+        ports.extend(table.lines().skip(1).filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let inode = columns.get(9)?;
+            if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
+                return None;
+            }
+            u16::from_str_radix(columns.get(1)?.rsplit(':').next()?, 16).ok()
+        }));
+    }
+    ports
+}
+
+/// Spawns the command `command(port)` makes, for a program that must be told a port number on
+/// 127.0.0.1 (HAProxy's configuration, `systemd-socket-activate -l`) and cannot pick one with
+/// 0: a port that was free a moment ago, then another if some process took it in between and
+/// the program exits saying "Address already in use". Returns the program, listening on the
+/// port, the port, and its stderr (piped: the command must not set it).
+pub fn spawn_on_a_free_port(
+    what: &str,
+    mut command: impl FnMut(u16) -> Command,
+) -> (ChildGuard, u16, Lines) {
+    let mut failures = Vec::new();
+    // Bounded: ten ports taken in the instant each was free is no race but a broken machine.
+    for _ in 0..10 {
+        let port = free_port();
+        let mut child = ChildGuard::new(
+            command(port)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}")),
+        );
+        let mut stderr = Lines::read(child.stderr.take().unwrap(), &format!("{what}'s stderr"));
+        let mut exited = false;
+        let settled = eventually(|| {
+            exited = child.try_wait().expect("wait for the child").is_some();
+            exited || listening_ports(child.id()).contains(&port)
+        });
+        assert!(settled, "{what} neither listened on {port} nor exited");
+        if !exited {
+            return (child, port, stderr);
+        }
+        let said = stderr.rest().join("\n");
+        assert!(said.contains("in use"), "{what} exited: {said}");
+        failures.push(said);
+    }
+    panic!("{what} found no free port: {failures:?}");
 }
 
 /// Whether a read or write on a socket with a timeout gave up waiting (`WouldBlock` on Unix,
@@ -333,12 +397,11 @@ pub struct Lines {
 impl Lines {
     pub fn read(pipe: impl Read + Send + 'static, what: &str) -> Lines {
         let (sender, lines) = mpsc::channel();
-        // Ends at end of file, when the child exits (or is killed by its guard).
+        // Ends at end of file, when the child exits (or is killed by its guard). Reads on once
+        // nobody takes the lines, so that the child never writes into a full or closed pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
+                let _ = sender.send(line);
             }
         });
         Lines {
