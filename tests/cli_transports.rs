@@ -10,19 +10,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::tls::{server_cert, tls_connect, tls_round_trip, write_pair, TlsFiles};
+use common::tls::{
+    server_cert, start_tls_echo_process, tls_connect, tls_round_trip, write_pair, TlsFiles,
+};
 use common::*;
 use taskserve::rustls::pki_types::pem::PemObject;
 use taskserve::rustls::pki_types::CertificateDer;
 use taskserve::rustls::{self, ClientConfig};
-
-/// `echo` with the test certificate on its `--port` listener, and `extra` flags.
-fn start_tls_echo(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
-    let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
-    let mut args = vec!["--threads", "2", "--tls-cert", cert, "--tls-key", key];
-    args.extend_from_slice(extra);
-    EchoProcess::start(&args)
-}
 
 /// Runs `program` with `args`, writes `Hello\n` to it, and returns once it has printed
 /// `GOT:Hello` (or fails after [`PATIENCE`]); then ends it. The way a user tries a client by
@@ -54,7 +48,7 @@ fn client_gets_its_reply(program: &str, args: &[&str]) {
 #[ignore = "needs socat and ncat: bash .ci/run installs them"]
 fn echo_over_tls_answers_openssl_socat_ncat_and_python() {
     let files = TlsFiles::new();
-    let mut echo = start_tls_echo(&files, &[]);
+    let mut echo = start_tls_echo_process(&files, &[]);
     assert!(
         echo.listening.ends_with("(tls, 2 threads)"),
         "{}",
@@ -103,7 +97,7 @@ fn echo_serves_tcp_tls_and_a_unix_socket_at_once_with_a_line_for_each() {
     let files = TlsFiles::new();
     let socket = files.dir.join("echo.sock");
     let socket_arg = socket.to_str().unwrap();
-    let mut echo = start_tls_echo(&files, &["--tls-port", "0", "--unix", socket_arg]);
+    let mut echo = start_tls_echo_process(&files, &["--tls-port", "0", "--unix", socket_arg]);
     assert!(
         echo.listening.ends_with("(2 threads)"),
         "{}",
@@ -138,7 +132,7 @@ fn echo_serves_tcp_tls_and_a_unix_socket_at_once_with_a_line_for_each() {
 #[test]
 fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_session() {
     let files = TlsFiles::new();
-    let mut echo = start_tls_echo(&files, &[]);
+    let mut echo = start_tls_echo_process(&files, &[]);
     let mut log = echo.stderr_lines();
     let mut old = tls_connect(echo.addr, &files.client(), "localhost").unwrap();
     tls_round_trip(&mut old, b"before").unwrap();
@@ -172,7 +166,7 @@ fn sighup_reloads_the_certificate_for_new_clients_while_old_ones_keep_their_sess
 #[test]
 fn a_stalled_handshake_is_closed_at_the_deadline_while_others_are_served() {
     let files = TlsFiles::new();
-    let echo = start_tls_echo(&files, &["--tls-handshake-timeout", "1"]);
+    let echo = start_tls_echo_process(&files, &["--tls-handshake-timeout", "1"]);
     // Before the connect: the server's deadline runs from its accept, some time after.
     let connecting = Instant::now();
     let mut stalled = connect(echo.addr);
@@ -190,7 +184,7 @@ fn a_stalled_handshake_is_closed_at_the_deadline_while_others_are_served() {
         "closed {closed_after:?} after the connect, long past the 1 s deadline"
     );
     // Plaintext on the TLS port is not waited for: closed long before a deadline of a minute.
-    let echo = start_tls_echo(&files, &["--tls-handshake-timeout", "60"]);
+    let echo = start_tls_echo_process(&files, &["--tls-handshake-timeout", "60"]);
     let mut plain = connect(echo.addr);
     plain.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     wait_for_close(&mut plain, PATIENCE).expect("plaintext closed before the deadline");
