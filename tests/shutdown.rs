@@ -89,7 +89,7 @@ impl StreamingClient {
                 let mut total = 0;
                 // Bounded: every pass reads at least a byte, within the read timeout.
                 loop {
-                    let n = reader_end.read(&mut buf)?;
+                    let n = read_some(&mut reader_end, &mut buf)?;
                     if n == 0 {
                         return Ok(total);
                     }
@@ -206,7 +206,11 @@ fn sigterm_closes_connections_still_open_after_the_shutdown_timeout() {
     let signalled = Instant::now();
     server.signal("TERM");
     for (n, client) in clients.iter_mut().enumerate() {
-        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "client {n}: EOF");
+        assert_eq!(
+            read_some(client, &mut [0; 1]).unwrap(),
+            0,
+            "client {n}: EOF"
+        );
         let closed = signalled.elapsed();
         assert!(
             closed >= Duration::from_millis(950),
@@ -231,7 +235,11 @@ fn second_signal_during_the_drain_exits_at_once() {
     let hurried = Instant::now();
     server.signal("INT");
     for (n, client) in clients.iter_mut().enumerate() {
-        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "client {n}: EOF");
+        assert_eq!(
+            read_some(client, &mut [0; 1]).unwrap(),
+            0,
+            "client {n}: EOF"
+        );
     }
     let code = server.wait_exit();
     let exited = hurried.elapsed();
@@ -274,7 +282,7 @@ fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
     let echoed = read_payload(&mut client, data.len()).expect("read the replies");
     assert!(echoed == data, "the reply differs from what was sent");
     assert_eq!(
-        client.read(&mut [0; 1]).unwrap(),
+        read_some(&mut client, &mut [0; 1]).unwrap(),
         0,
         "EOF after the replies"
     );
@@ -328,7 +336,7 @@ fn second_stop_request_closes_open_connections_at_once() {
     assert!(eventually(|| refuses_connections(addr)), "still accepting");
     let hurried = Instant::now();
     handle.stop();
-    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
+    assert_eq!(read_some(&mut client, &mut [0; 1]).unwrap(), 0, "EOF");
     returned
         .recv_timeout(PATIENCE)
         .expect("wait returns at once after a second request");
@@ -352,7 +360,7 @@ fn one_stop_request_during_stop_closes_open_connections_at_once() {
     assert!(eventually(|| refuses_connections(addr)), "still accepting");
     // stop() is the first request already: one more is the second, and hurries it.
     handle.stop();
-    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
+    assert_eq!(read_some(&mut client, &mut [0; 1]).unwrap(), 0, "EOF");
     returned
         .recv_timeout(PATIENCE)
         .expect("stop returns at once after a request made during its drain");

@@ -100,13 +100,25 @@ impl Unprefixer {
     }
 }
 
+/// `stream.read(buf)`, read again when a signal interrupted it: the kernel never restarts a read
+/// on a socket with a timeout, and a stop and continue of the process (a debugger, a busy
+/// machine's scheduler of containers) interrupts it even with no signal handler.
+pub fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Reads replies from `stream` until `len` payload bytes have come back; returns them.
 pub fn read_payload(stream: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     let mut unprefixer = Unprefixer::default();
     let mut out = Vec::with_capacity(len);
     let mut buf = vec![0; 64 * 1024];
     while out.len() < len {
-        let n = stream.read(&mut buf)?;
+        let n = read_some(stream, &mut buf)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -186,6 +198,7 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
         match stream.read(&mut buf) {
             Ok(0) => return Ok(start.elapsed()),
             Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(start.elapsed()),
             Err(e) if timed_out(&e) => break,
             Err(e) => return Err(e),
@@ -204,7 +217,7 @@ pub fn wait_for_silent_close(stream: &mut TcpStream, limit: Duration) -> io::Res
     let start = Instant::now();
     stream.set_read_timeout(Some(limit))?;
     let mut buf = [0; 1024];
-    match stream.read(&mut buf) {
+    match read_some(stream, &mut buf) {
         Ok(0) => Ok(start.elapsed()),
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(start.elapsed()),
         Ok(n) => Err(io::Error::new(
