@@ -4,10 +4,11 @@ mod common;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::{
-    connect, eventually, round_trip, run_echo, run_to_exit, worker_thread_names, EchoProcess,
+    connect, eventually, exit_within_patience, listening_ports, require_ipv6_loopback, round_trip,
+    run_echo, run_to_exit, worker_thread_names, ChildGuard, EchoProcess,
 };
 
 /// Asserts that a failure to serve was reported as `echo` should: exit code 1, nothing on
@@ -85,38 +86,16 @@ fn pipe_nobody_reads() -> Stdio {
 
 /// `echo` with `args`, its stdout and stderr pipes nobody reads, logging at debug so that it
 /// writes to them as much as it can.
-fn spawn_echo_into_closed_pipes(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_echo"))
+fn spawn_echo_into_closed_pipes(args: &[&str]) -> ChildGuard {
+    let child = Command::new(env!("CARGO_BIN_EXE_echo"))
         .args(args)
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(pipe_nobody_reads())
         .stderr(pipe_nobody_reads())
         .spawn()
-        .expect("start the echo binary")
-}
-
-/// The TCP port process `pid` listens on, from the kernel's socket table: for a server whose
-/// stdout cannot tell.
-fn listening_port(pid: u32) -> Option<u16> {
-    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .ok()?
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .filter_map(|link| {
-            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
-            Some(inode.to_string())
-        })
-        .collect();
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
-    // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
-    table.lines().skip(1).find_map(|line| {
-        let columns: Vec<&str> = line.split_whitespace().collect();
-        let inode = columns.get(9)?;
-        if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
-            return None;
-        }
-        u16::from_str_radix(columns.get(1)?.split(':').nth(1)?, 16).ok()
-    })
+        .expect("start the echo binary");
+    ChildGuard::new(child)
 }
 
 #[test]
@@ -127,7 +106,7 @@ fn echo_keeps_serving_when_its_stdout_and_stderr_are_closed() {
     let (mut port, mut exit) = (None, None);
     let settled = eventually(|| {
         exit = child.try_wait().expect("wait for echo").map(|s| s.code());
-        port = listening_port(child.id());
+        port = listening_ports(child.id()).first().copied();
         exit.is_some() || port.is_some()
     });
     assert!(settled, "echo neither listened nor exited in time");
@@ -158,13 +137,8 @@ fn messages_into_a_closed_pipe_keep_their_exit_code() {
         (&["--port", &port], 1),
     ];
     for (args, code) in cases {
-        let mut child = spawn_echo_into_closed_pipes(args);
-        let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
-        if !exited {
-            let _ = child.kill();
-        }
-        let status = child.wait().expect("wait for echo");
-        assert!(exited, "echo {args:?} still ran after the patience");
+        let child = spawn_echo_into_closed_pipes(args);
+        let status = exit_within_patience(child, &format!("echo {args:?}")).status;
         // A panic would be 101.
         assert_eq!(status.code(), Some(code), "exit code of echo {args:?}");
     }
@@ -191,10 +165,7 @@ fn echo_prints_its_address_and_thread_count_and_answers_with_got() {
 
 #[test]
 fn echo_serves_over_ipv6_with_host_ipv6_loopback() {
-    if TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: this machine has no IPv6 loopback");
-        return;
-    }
+    require_ipv6_loopback();
     // Bare, and in brackets as the listening line prints it.
     for host in ["::1", "[::1]"] {
         let echo = EchoProcess::start(&["--host", host, "--threads", "1"]);
@@ -411,12 +382,37 @@ fn log_shows_each_client_connecting_and_closing() {
 
 #[test]
 fn the_listening_line_is_said_once_on_stdout_not_again_in_the_log() {
-    let (_, log) = log_of_one_client(&["--threads", "1"]);
-    assert!(!log.contains("listening on"), "log: {log}");
+    let mut echo = start_echo_with_default_logging(&["--threads", "1"]);
+    assert!(
+        echo.listening.starts_with("listening on "),
+        "{}",
+        echo.listening
+    );
+    let mut log = echo.stderr_lines();
+    round_trip(&mut connect(echo.addr), b"Hello\n");
+    echo.signal("TERM");
+    assert_eq!(echo.wait_exit(), Some(0), "exit code after SIGTERM");
+    // Everything else it printed, up to its exit: no second listening line, on either.
+    let stdout = echo.stdout.as_mut().expect("stdout piped").rest();
+    assert_eq!(
+        stdout,
+        Vec::<String>::new(),
+        "stdout after the listening line"
+    );
+    let log = log.rest();
+    assert!(
+        log.iter().any(|line| line.contains("Connection from")),
+        "log: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|line| line.contains("listening on")),
+        "log: {log:?}"
+    );
 }
 
 #[test]
-fn ipv4_clients_of_a_dual_stack_server_are_logged_as_ipv4() {
+fn ipv4_clients_of_a_dual_stack_server_over_ipv6_are_logged_as_ipv4() {
+    require_ipv6_loopback();
     // Over IPv4 to a `::` listener: the kernel hands the server an IPv4-mapped IPv6 address.
     let (client_addr, log) = log_of_one_client_via(&["--threads", "1", "--host", "::"], |addr| {
         SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -31,19 +31,19 @@ impl Backend {
     }
 }
 
-/// HAProxy, killed when dropped.
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// HAProxy in front of `backends`, on a port of 127.0.0.1 it was told; returns it (killed when
+/// dropped) and its address.
+fn start_haproxy(dir: &TempDir, backends: &[&Backend]) -> (ChildGuard, SocketAddr) {
+    let (haproxy, port, _stderr) =
+        spawn_on_a_free_port("haproxy", |port| haproxy_command(dir, port, backends));
+    (haproxy, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-fn start_haproxy(dir: &TempDir, port: u16, backends: &[&Backend]) -> Haproxy {
+/// HAProxy with a configuration for `port` and `backends`. Without SO_REUSEPORT (noreuseport):
+/// a port some other process holds is then "Address already in use", not shared.
+fn haproxy_command(dir: &TempDir, port: u16, backends: &[&Backend]) -> Command {
     let mut config = format!(
-        "global\n    maxconn 1000\n\
+        "global\n    maxconn 1000\n    noreuseport\n\
          defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 20s\n    \
          timeout server 20s\n    retries 3\n    option redispatch 1\n\
          frontend front\n    bind 127.0.0.1:{port}\n    default_backend echoes\n\
@@ -57,16 +57,14 @@ fn start_haproxy(dir: &TempDir, port: u16, backends: &[&Backend]) -> Haproxy {
     }
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("haproxy")
+    let mut command = Command::new("haproxy");
+    command
         .arg("-db") // in the foreground
         .arg("-f")
         .arg(&path)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start haproxy");
-    Haproxy(child)
+        .stdout(Stdio::null());
+    command
 }
 
 /// A client from `from` through HAProxy at `front`, that got its reply; its own address.
@@ -91,14 +89,8 @@ fn haproxy_with_send_proxy_v2_in_front_of_two_echo_processes() {
     );
     let (first, second) = (Backend::start(), Backend::start());
     let dir = TempDir::new();
-    let port = free_port();
-    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let _haproxy = start_haproxy(&dir, port, &[&first, &second]);
-    // Wait until it listens and the health checks (a v2 LOCAL header) reached both backends.
-    assert!(
-        eventually(|| TcpStream::connect(front).is_ok()),
-        "haproxy listens"
-    );
+    let (_haproxy, front) = start_haproxy(&dir, &[&first, &second]);
+    // Wait until the health checks (a v2 LOCAL header) reached both backends.
     assert!(eventually(|| {
         first.logged(", health check") && second.logged(", health check")
     }));

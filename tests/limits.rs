@@ -34,22 +34,11 @@ fn served(addr: SocketAddr, timeout: Duration) -> bool {
         && read_payload(&mut stream, message.len()).is_ok_and(|echoed| echoed == message)
 }
 
-/// Waits for the server to close `stream` (end of file, or a reset when it had data it did not
-/// read) and returns how long that took; panics if data arrives or nothing happens within
-/// [`PATIENCE`].
-fn wait_for_close(stream: &mut TcpStream, who: &str) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0; 1024];
-    match stream.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{who}: got {n} bytes instead of a close"),
-        Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset) => {}
-        Err(e) => panic!(
-            "{who}: not closed by the server ({e}) after {:?}",
-            start.elapsed()
-        ),
-    }
-    start.elapsed()
+/// Waits for the server to close `stream` without sending a byte (end of file, or a reset when
+/// it had data it did not read) and returns how long that took; panics, naming `who`, if data
+/// arrives or nothing happens within [`PATIENCE`].
+fn closed_by_the_server(stream: &mut TcpStream, who: &str) -> Duration {
+    wait_for_silent_close(stream, PATIENCE).unwrap_or_else(|e| panic!("{who}: {e}"))
 }
 
 /// User plus system CPU time a process has used, from `/proc/PID/stat`.
@@ -77,34 +66,42 @@ fn a_client_that_does_not_read_is_not_buffered_and_loses_no_data() {
     let mut client = connect(server.addr);
     let mut writer_end = client.try_clone().unwrap();
     let written = AtomicUsize::new(0);
+    let stalled = AtomicBool::new(false);
     let reading_done = AtomicBool::new(false);
     thread::scope(|s| {
         let writer = s.spawn(|| -> io::Result<()> {
-            for chunk in data.chunks(64 * KIB) {
-                writer_end.write_all(chunk)?;
-                written.fetch_add(chunk.len(), Ordering::Relaxed);
+            // A write that sends nothing for STALLED tells that the server stopped reading; the
+            // writer says so and goes on, to send the rest once the client reads.
+            writer_end.set_write_timeout(Some(STALLED))?;
+            let (mut at, mut progress) = (0, Instant::now());
+            while at < data.len() {
+                match writer_end.write(&data[at..data.len().min(at + 64 * KIB)]) {
+                    Ok(n) => {
+                        at += n;
+                        written.store(at, Ordering::Relaxed);
+                        progress = Instant::now();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if timed_out(&e) && progress.elapsed() < PATIENCE => {
+                        stalled.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             writer_end.shutdown(Shutdown::Write)
         });
 
-        // Sample until the writer has stalled (no progress across 5 samples) or finished: a
-        // server that reads without bound finishes it, and the last sample sees that memory.
+        // Sample until the writer has stalled or finished: a server that reads without bound
+        // finishes it, and the last sample sees that memory.
         let mut peak = baseline;
-        let (mut last, mut still) = (usize::MAX, 0);
         let deadline = Instant::now() + PATIENCE;
-        while still < 5 && !writer.is_finished() {
+        while !stalled.load(Ordering::Relaxed) && !writer.is_finished() {
             assert!(
                 Instant::now() < deadline,
                 "the writer neither stalls nor ends"
             );
             thread::sleep(Duration::from_millis(100)); // the sampling interval
             peak = peak.max(server.rss_kib());
-            let now = written.load(Ordering::Relaxed);
-            (still, last) = if now == last {
-                (still + 1, last)
-            } else {
-                (0, now)
-            };
         }
         peak = peak.max(server.rss_kib());
         let stalled_at = written.load(Ordering::Relaxed);
@@ -142,7 +139,7 @@ fn a_client_that_does_not_read_is_not_buffered_and_loses_no_data() {
         reading_done.store(true, Ordering::Relaxed);
         writer.join().unwrap().expect("the writer sends all 64 MiB");
         assert_eq!(
-            client.read(&mut [0; 1]).unwrap(),
+            read_some(&mut client, &mut [0; 1]).unwrap(),
             0,
             "EOF after the replies"
         );
@@ -166,7 +163,7 @@ fn half_closed_client_gets_every_reply_then_eof() {
     // Read while writing: the server stops reading from a client that does not read replies.
     let replies = thread::spawn(move || {
         let echoed = read_payload(&mut reader, MIB)?;
-        let after = reader.read(&mut [0; 1])?;
+        let after = read_some(&mut reader, &mut [0; 1])?;
         io::Result::Ok((echoed, after))
     });
     client.write_all(&data).unwrap();
@@ -191,7 +188,7 @@ fn idle_client_is_closed_after_the_idle_timeout() {
     // Measured from before the last message: the server's last activity comes after it.
     let start = Instant::now();
     round_trip(&mut client, b"hello");
-    wait_for_close(&mut client, "idle client");
+    closed_by_the_server(&mut client, "idle client");
     let closed_after = start.elapsed();
     println!("idle client closed after {closed_after:?}");
     assert!(
@@ -267,7 +264,7 @@ fn binary_closes_idle_connections_and_logs_the_peer() {
     let peer = client.local_addr().unwrap().to_string();
     let start = Instant::now();
     round_trip(&mut client, b"hello");
-    wait_for_close(&mut client, "idle client");
+    closed_by_the_server(&mut client, "idle client");
     let closed_after = start.elapsed();
     println!("echo --idle-timeout 1 closed an idle client after {closed_after:?}");
     assert!(closed_after >= Duration::from_millis(950) && closed_after < Duration::from_secs(5));
@@ -289,7 +286,7 @@ fn connection_beyond_max_is_refused_until_one_closes() {
     assert_eq!(server.connections(), 3);
 
     let mut fourth = connect(addr);
-    let closed_after = wait_for_close(&mut fourth, "fourth client");
+    let closed_after = closed_by_the_server(&mut fourth, "fourth client");
     println!("the fourth client was closed after {closed_after:?}");
     assert_eq!(server.connections(), 3);
 
@@ -311,7 +308,7 @@ fn refusal_warnings_are_rate_limited() {
     round_trip(&mut held, b"served");
     let start = Instant::now();
     for n in 0..300 {
-        wait_for_close(&mut connect(server.addr), &format!("refused client {n}"));
+        closed_by_the_server(&mut connect(server.addr), &format!("refused client {n}"));
     }
     let refusing = start.elapsed();
     let peer = held.local_addr().unwrap().to_string();
@@ -378,21 +375,33 @@ fn server_out_of_file_descriptors_backs_off_and_recovers() {
     );
     let out_of_fds = Instant::now();
 
-    // Out of descriptors, with clients waiting: a server that retries at once spins here.
+    // Out of descriptors, with clients waiting: a server that retries at once spins here. What
+    // it may use is measured against a process that does spin, beside it in the same window:
+    // on a busy machine both get less, so a fixed bound would pass more easily the busier the
+    // machine, and this one does not.
+    let spinner = ChildGuard::new(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("run sh"),
+    );
+    let spinner_before = cpu_time(spinner.id());
     let (cpu_before, window_start) = (cpu_time(server.child.id()), Instant::now());
-    thread::sleep(Duration::from_secs(1)); // the measuring window
+    thread::sleep(Duration::from_secs(2)); // the measuring window
     let cpu_used = cpu_time(server.child.id()) - cpu_before;
+    let spun = cpu_time(spinner.id()) - spinner_before;
     let window = window_start.elapsed();
+    drop(spinner);
     assert!(
         server.child.try_wait().unwrap().is_none(),
         "the server died out of descriptors"
     );
     let lines = log.count(&failed);
     let logging = out_of_fds.elapsed();
-    println!("out of descriptors: {cpu_used:?} of CPU in {window:?}, {lines} 'accept failed' lines in {logging:?}");
+    println!("out of descriptors: {cpu_used:?} of CPU in {window:?} (a spinning process: {spun:?}), {lines} 'accept failed' lines in {logging:?}");
     assert!(
-        cpu_used < Duration::from_millis(300),
-        "the server used {cpu_used:?} of CPU in {window:?} while out of descriptors"
+        cpu_used < spun / 10,
+        "the server used {cpu_used:?} of CPU in {window:?} while out of descriptors, a spinning process {spun:?}"
     );
     assert!(
         lines as u64 <= logging.as_secs() + 2,
@@ -576,7 +585,7 @@ fn panicking_handler_closes_only_its_connection() {
         let mut client = connect(addr);
         last_peer = client.local_addr().unwrap().to_string();
         client.write_all(b"panic").unwrap();
-        wait_for_close(&mut client, &format!("panicking connection {n}"));
+        closed_by_the_server(&mut client, &format!("panicking connection {n}"));
         if n % 100 == 99 {
             round_trip(
                 &mut long_lived,

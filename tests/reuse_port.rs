@@ -60,11 +60,15 @@ fn without_reuse_port_a_second_process_cannot_bind_the_port() {
 
 #[test]
 fn keepalive_is_set_on_each_client_connection() {
-    let server = EchoProcess::start(&["--keepalive", "30", "--threads", "1", "--quiet"]);
-    let mut client = connect(server.addr);
-    round_trip(&mut client, b"alive");
-    // The server's end of the connection, as ss shows it: its timer is keepalive's.
+    let server = EchoProcess::start(&["--keepalive", "30", "--threads", "2", "--quiet"]);
+    let mut clients: Vec<_> = (0..5).map(|_| connect(server.addr)).collect();
+    for client in &mut clients {
+        round_trip(client, b"alive");
+    }
+    // The server's end of each connection, as ss shows it (one line each, the client's
+    // address as the peer): its timer is keepalive's.
     let port = server.addr.port();
+    let mut table = String::new();
     let shown = eventually(|| {
         let out = Command::new("ss")
             .args([
@@ -75,9 +79,18 @@ fn keepalive_is_set_on_each_client_connection() {
             ])
             .output()
             .expect("run ss");
-        String::from_utf8_lossy(&out.stdout).contains("keepalive")
+        table = String::from_utf8_lossy(&out.stdout).into_owned();
+        clients.iter().all(|client| {
+            let peer = client.local_addr().unwrap().to_string();
+            table.lines().any(|line| {
+                line.split_whitespace().any(|column| column == peer) && line.contains("keepalive")
+            })
+        })
     });
-    assert!(shown, "ss shows no keepalive timer on the server's socket");
+    assert!(
+        shown,
+        "ss shows no keepalive timer on some of the server's sockets:\n{table}"
+    );
     let (code, _, _) = run_echo(&["--keepalive", "0"]);
     assert_eq!(code, Some(2));
 }

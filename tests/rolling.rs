@@ -81,7 +81,7 @@ impl Backend {
     /// Starts one on `port` with its metrics on `metrics`; `Err(AddrInUse)` if either was
     /// taken.
     fn start(port: u16, metrics: u16, drain_delay: u64) -> io::Result<Backend> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echo"))
+        let child = Command::new(env!("CARGO_BIN_EXE_echo"))
             .env("RUST_LOG", "info")
             .args(["--proxy-protocol", "--threads", "1"])
             .args(["--port", &port.to_string()])
@@ -93,6 +93,8 @@ impl Backend {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the echo binary");
+        // Guarded from its spawn: a failed assertion below must not leave it running.
+        let mut child = ChildGuard::new(child);
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut listening = String::new();
         stdout
@@ -118,7 +120,7 @@ impl Backend {
             child,
             addr,
             listening: listening.trim_end().to_string(),
-            stdout: Some(stdout),
+            stdout: Some(Lines::read(stdout, "echo's stdout")),
         };
         let metrics_line = process.next_line();
         assert_eq!(

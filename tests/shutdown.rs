@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -89,7 +89,7 @@ impl StreamingClient {
                 let mut total = 0;
                 // Bounded: every pass reads at least a byte, within the read timeout.
                 loop {
-                    let n = reader_end.read(&mut buf)?;
+                    let n = read_some(&mut reader_end, &mut buf)?;
                     if n == 0 {
                         return Ok(total);
                     }
@@ -141,7 +141,8 @@ fn is_cyclic_part(message: &[u8], at: usize, part: &[u8]) -> bool {
 #[test]
 fn sigterm_lets_streaming_clients_finish_then_exits_0() {
     const CLIENTS: usize = 20;
-    let mut server = EchoProcess::start(&["--quiet", "--threads", "2", "--shutdown-timeout", "5"]);
+    // A shutdown timeout no test run reaches: the exit comes from the drain's end, not from it.
+    let mut server = EchoProcess::start(&["--quiet", "--threads", "2", "--shutdown-timeout", "60"]);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| StreamingClient::start(server.addr, &stop))
@@ -182,7 +183,7 @@ fn sigterm_lets_streaming_clients_finish_then_exits_0() {
     );
     assert_eq!(code, Some(0));
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(60),
         "took {exited:?}, the whole shutdown timeout"
     );
 }
@@ -205,7 +206,11 @@ fn sigterm_closes_connections_still_open_after_the_shutdown_timeout() {
     let signalled = Instant::now();
     server.signal("TERM");
     for (n, client) in clients.iter_mut().enumerate() {
-        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "client {n}: EOF");
+        assert_eq!(
+            read_some(client, &mut [0; 1]).unwrap(),
+            0,
+            "client {n}: EOF"
+        );
         let closed = signalled.elapsed();
         assert!(
             closed >= Duration::from_millis(950),
@@ -217,7 +222,7 @@ fn sigterm_closes_connections_still_open_after_the_shutdown_timeout() {
     let exited = signalled.elapsed();
     println!("--shutdown-timeout 1: clients closed after {closed:?}; exit code {code:?} after {exited:?}");
     assert_eq!(code, Some(0));
-    assert!(exited < Duration::from_secs(5), "exited after {exited:?}");
+    assert!(exited < Duration::from_secs(10), "exited after {exited:?}");
 }
 
 #[test]
@@ -230,14 +235,19 @@ fn second_signal_during_the_drain_exits_at_once() {
     let hurried = Instant::now();
     server.signal("INT");
     for (n, client) in clients.iter_mut().enumerate() {
-        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "client {n}: EOF");
+        assert_eq!(
+            read_some(client, &mut [0; 1]).unwrap(),
+            0,
+            "client {n}: EOF"
+        );
     }
     let code = server.wait_exit();
     let exited = hurried.elapsed();
     println!("second signal: exit code {code:?} after {exited:?}");
     assert_eq!(code, Some(0));
+    // At once, next to the 30 s timeout it would otherwise wait.
     assert!(
-        exited < Duration::from_secs(5),
+        exited < Duration::from_secs(10),
         "exited {exited:?} after the second signal"
     );
 }
@@ -272,13 +282,13 @@ fn stop_lets_an_unfinished_exchange_complete_and_frees_the_port() {
     let echoed = read_payload(&mut client, data.len()).expect("read the replies");
     assert!(echoed == data, "the reply differs from what was sent");
     assert_eq!(
-        client.read(&mut [0; 1]).unwrap(),
+        read_some(&mut client, &mut [0; 1]).unwrap(),
         0,
         "EOF after the replies"
     );
     let closed = Instant::now();
     stopped
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("stop returns once the last connection has ended");
     println!(
         "stop returned {:?} after the last connection ended",
@@ -314,7 +324,7 @@ fn stop_handle_from_another_thread_makes_wait_return_after_the_drain() {
     );
     drop(client);
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("wait returns once the last connection has ended");
     TcpListener::bind(addr).expect("the port is free after wait returns");
 }
@@ -326,9 +336,9 @@ fn second_stop_request_closes_open_connections_at_once() {
     assert!(eventually(|| refuses_connections(addr)), "still accepting");
     let hurried = Instant::now();
     handle.stop();
-    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
+    assert_eq!(read_some(&mut client, &mut [0; 1]).unwrap(), 0, "EOF");
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("wait returns at once after a second request");
     println!(
         "second stop request: wait returned after {:?}",
@@ -350,9 +360,9 @@ fn one_stop_request_during_stop_closes_open_connections_at_once() {
     assert!(eventually(|| refuses_connections(addr)), "still accepting");
     // stop() is the first request already: one more is the second, and hurries it.
     handle.stop();
-    assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "EOF");
+    assert_eq!(read_some(&mut client, &mut [0; 1]).unwrap(), 0, "EOF");
     returned
-        .recv_timeout(Duration::from_secs(5))
+        .recv_timeout(PATIENCE)
         .expect("stop returns at once after a request made during its drain");
 }
 
@@ -438,7 +448,8 @@ fn a_handler_whose_drop_panics_is_closed_without_aborting_the_process() {
     // The drain times out and the task is cancelled: dropping its future panics. Before the
     // fix this aborted the whole test process.
     server.stop();
-    assert_eq!(client.read(&mut [0; 1]).unwrap_or(0), 0, "EOF or reset");
+    // EOF or a reset; a read that timed out would mean the connection was never closed.
+    wait_for_silent_close(&mut client, PATIENCE).expect("the client sees its connection close");
 }
 
 #[test]
@@ -488,16 +499,12 @@ fn connections_can_be_read_while_another_thread_waits() {
 #[test]
 fn sighup_is_logged_and_the_server_keeps_serving() {
     let mut server = EchoProcess::start(&["--threads", "1"]);
-    let stderr = server.stderr();
+    let mut log = server.stderr_lines();
     let mut client = connect(server.addr);
     round_trip(&mut client, b"before");
     server.signal("HUP");
-    let mut lines = BufReader::new(stderr).lines();
-    let logged = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|line| line.contains("SIGHUP"));
-    assert!(logged.is_some_and(|line| line.contains("still serving")));
+    let logged = log.find(|line| line.contains("SIGHUP"));
+    assert!(logged.contains("still serving"), "{logged}");
     round_trip(&mut client, b"after");
     assert!(server.child.try_wait().unwrap().is_none(), "echo exited");
     server.signal("TERM");

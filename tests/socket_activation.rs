@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::process::Command;
 
 use common::*;
 
@@ -29,39 +29,18 @@ os.execv(sys.argv[2], sys.argv[2:])
 /// Runs `echo --threads 1 args` on a socket bound to `host` by its parent; returns its listening
 /// line and, once SIGTERM has stopped it, everything it logged.
 fn activated_echo(host: &str, args: &[&str]) -> (String, String) {
-    let child = Command::new("python3")
-        .args([
-            "-c",
-            ACTIVATE,
-            host,
-            env!("CARGO_BIN_EXE_echo"),
-            "--threads",
-            "1",
-        ])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python3");
-    let mut server = EchoProcess {
-        child,
-        addr: "127.0.0.1:1".parse().unwrap(),
-        listening: String::new(),
-        stdout: None,
-    };
-    let stdout = server.child.stdout.take().unwrap();
-    let listening = BufReader::new(stdout)
-        .lines()
-        .next()
-        .expect("a listening line")
-        .unwrap();
+    let mut command = Command::new("python3");
+    command
+        .args(["-c", ACTIVATE, host, env!("CARGO_BIN_EXE_echo")])
+        .args(["--threads", "1"])
+        .env("RUST_LOG", "warn");
+    let mut server = EchoProcess::start_as_given(command, args);
+    let listening = server.listening.clone();
     server.signal("TERM");
     assert_eq!(server.wait_exit(), Some(0), "{listening}");
     let mut log = String::new();
-    let mut stderr = server.child.stderr.take().unwrap();
-    stderr.read_to_string(&mut log).unwrap();
+    // It has exited: its stderr is at its end.
+    server.stderr().read_to_string(&mut log).unwrap();
     (listening, log)
 }
 

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 
@@ -22,48 +21,38 @@ fn echo_serves_the_socket_systemd_socket_activate_passes() {
             .is_ok(),
         "this test needs systemd-socket-activate (Debian's systemd package)"
     );
-    let port = free_port();
+    let (child, port, _stderr) = spawn_on_a_free_port("systemd-socket-activate", |port| {
+        let mut command = Command::new("systemd-socket-activate");
+        command
+            .args(["-l", &format!("127.0.0.1:{port}")])
+            .args([env!("CARGO_BIN_EXE_echo"), "--threads", "1"])
+            .args(["--port", "1"]) // ignored: the passed socket takes its place
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        command
+    });
     let listen = format!("127.0.0.1:{port}");
-    let child = Command::new("systemd-socket-activate")
-        .args(["-l", &listen, env!("CARGO_BIN_EXE_echo"), "--threads", "1"])
-        .args(["--port", "1"]) // ignored: the passed socket takes its place
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run systemd-socket-activate");
     let mut server = EchoProcess {
         child,
         addr: listen.parse().unwrap(),
         listening: String::new(),
         stdout: None,
     };
-    let stdout = BufReader::new(server.child.stdout.take().unwrap());
+    let mut stdout = Lines::read(server.child.stdout.take().unwrap(), "echo's stdout");
     // It listens before the server starts, and starts it at the first connection: the
     // connect succeeds at once, and the reply comes once the server serves the socket.
     let addr = server.addr;
-    let mut client = eventually_connect(addr);
+    let mut client = connect(addr);
     round_trip(&mut client, b"activated");
-    let mut lines = stdout.lines();
-    let listening = lines.next().expect("a listening line").unwrap();
-    assert_eq!(listening, format!("listening on {listen} (1 thread)"));
+    assert_eq!(
+        stdout.next_line(),
+        format!("listening on {listen} (1 thread)")
+    );
     let mut second = connect(addr);
     round_trip(&mut second, b"again");
     drop((client, second)); // or the stop would wait for them
     server.signal("TERM");
     assert_eq!(server.wait_exit(), Some(0));
-}
-
-/// Connects, retrying while systemd-socket-activate is still starting to listen.
-fn eventually_connect(addr: std::net::SocketAddr) -> std::net::TcpStream {
-    let mut stream = None;
-    assert!(eventually(|| {
-        stream = std::net::TcpStream::connect(addr).ok();
-        stream.is_some()
-    }));
-    let stream = stream.unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
 }
 
 #[test]

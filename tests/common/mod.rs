@@ -4,10 +4,10 @@
 
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,11 @@ pub mod tls;
 
 /// How long any single wait in a test may take before the test fails instead of hanging.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How long a write must make no progress for a test to conclude that the peer stopped reading:
+/// every buffer on the way is full. Long enough that a server merely slowed by a busy machine
+/// is not taken for one that stopped.
+pub const STALLED: Duration = Duration::from_secs(2);
 
 /// Starts an echo server with two threads on `127.0.0.1:0`.
 pub fn start_echo() -> Server {
@@ -95,13 +100,25 @@ impl Unprefixer {
     }
 }
 
+/// `stream.read(buf)`, read again when a signal interrupted it: the kernel never restarts a read
+/// on a socket with a timeout, and a stop and continue of the process (a debugger, a busy
+/// machine's scheduler of containers) interrupts it even with no signal handler.
+pub fn read_some(stream: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Reads replies from `stream` until `len` payload bytes have come back; returns them.
 pub fn read_payload(stream: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     let mut unprefixer = Unprefixer::default();
     let mut out = Vec::with_capacity(len);
     let mut buf = vec![0; 64 * 1024];
     while out.len() < len {
-        let n = stream.read(&mut buf)?;
+        let n = read_some(stream, &mut buf)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -181,6 +198,7 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
         match stream.read(&mut buf) {
             Ok(0) => return Ok(start.elapsed()),
             Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(start.elapsed()),
             Err(e) if timed_out(&e) => break,
             Err(e) => return Err(e),
@@ -192,6 +210,31 @@ pub fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Dur
     ))
 }
 
+/// Waits up to `limit` for the server to close `stream` without a word: end of file, or a reset
+/// (when it closed with bytes of the client's unread). Returns how long that took; an error if
+/// a byte comes instead (the server served the client), or nothing within `limit`.
+pub fn wait_for_silent_close(stream: &mut TcpStream, limit: Duration) -> io::Result<Duration> {
+    let start = Instant::now();
+    stream.set_read_timeout(Some(limit))?;
+    let mut buf = [0; 1024];
+    match read_some(stream, &mut buf) {
+        Ok(0) => Ok(start.elapsed()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(start.elapsed()),
+        Ok(n) => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{n} bytes came instead of a close: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+        )),
+        Err(e) if timed_out(&e) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("still open after {:?}", start.elapsed()),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads `stream` (TCP, TLS...) until the server closes it; returns what came, and how the
 /// reading ended: `Ok` with the number of bytes, or the error the client saw at the close
 /// (rustls reports a close without close_notify as `UnexpectedEof`).
@@ -201,14 +244,78 @@ pub fn read_to_close(stream: &mut impl Read) -> (Vec<u8>, io::Result<usize>) {
     (received, outcome)
 }
 
-/// A port on 127.0.0.1 that was free a moment ago, for a program that must be told a port
-/// number (HAProxy's configuration, `systemd-socket-activate -l`) rather than pick one with 0.
-/// Another process could take it in between; a test that can use port 0 should.
+/// A port on 127.0.0.1 that was free a moment ago. Another process could take it in between:
+/// see [`spawn_on_a_free_port`].
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("an ephemeral port")
         .port()
+}
+
+/// The TCP ports process `pid` listens on, from the kernel's socket tables: for a program that
+/// does not say which.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let sockets: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let table = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        // Columns: sl, local_address (hex IP:port), rem_address, st (0A is LISTEN), ..., inode.
+        ports.extend(table.lines().skip(1).filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let inode = columns.get(9)?;
+            if columns.get(3) != Some(&"0A") || !sockets.iter().any(|s| s == inode) {
+                return None;
+            }
+            u16::from_str_radix(columns.get(1)?.rsplit(':').next()?, 16).ok()
+        }));
+    }
+    ports
+}
+
+/// Spawns the command `command(port)` makes, for a program that must be told a port number on
+/// 127.0.0.1 (HAProxy's configuration, `systemd-socket-activate -l`) and cannot pick one with
+/// 0: a port that was free a moment ago, then another if some process took it in between and
+/// the program exits saying "Address already in use". Returns the program, listening on the
+/// port, the port, and its stderr (piped: the command must not set it).
+pub fn spawn_on_a_free_port(
+    what: &str,
+    mut command: impl FnMut(u16) -> Command,
+) -> (ChildGuard, u16, Lines) {
+    let mut failures = Vec::new();
+    // Bounded: ten ports taken in the instant each was free is no race but a broken machine.
+    for _ in 0..10 {
+        let port = free_port();
+        let mut child = ChildGuard::new(
+            command(port)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}")),
+        );
+        let mut stderr = Lines::read(child.stderr.take().unwrap(), &format!("{what}'s stderr"));
+        let mut exited = false;
+        let settled = eventually(|| {
+            exited = child.try_wait().expect("wait for the child").is_some();
+            exited || listening_ports(child.id()).contains(&port)
+        });
+        assert!(settled, "{what} neither listened on {port} nor exited");
+        if !exited {
+            return (child, port, stderr);
+        }
+        let said = stderr.rest().join("\n");
+        assert!(said.contains("in use"), "{what} exited: {said}");
+        failures.push(said);
+    }
+    panic!("{what} found no free port: {failures:?}");
 }
 
 /// Whether a read or write on a socket with a timeout gave up waiting (`WouldBlock` on Unix,
@@ -256,14 +363,133 @@ impl Drop for TempDir {
     }
 }
 
+/// A child process, killed and reaped when dropped: a test puts each child it spawns under one
+/// right away, so that an assertion failing before the end leaves nothing running.
+#[derive(Debug)]
+pub struct ChildGuard(Child);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard(child)
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines a child writes to a pipe (its stdout or stderr), read by a thread as they come: a
+/// test waits for a line for [`PATIENCE`] at most, never for ever, and the child never blocks
+/// on a full pipe.
+pub struct Lines {
+    /// In a mutex only so that a process holding its `Lines` can be shared between threads.
+    lines: Mutex<mpsc::Receiver<String>>,
+    /// What the pipe is, for failure messages: `"echo's stdout"`.
+    what: String,
+    /// The lines taken so far, for failure messages.
+    taken: Vec<String>,
+}
+
+impl Lines {
+    pub fn read(pipe: impl Read + Send + 'static, what: &str) -> Lines {
+        let (sender, lines) = mpsc::channel();
+        // Ends at end of file, when the child exits (or is killed by its guard). Reads on once
+        // nobody takes the lines, so that the child never writes into a full or closed pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Lines {
+            lines: Mutex::new(lines),
+            what: what.to_string(),
+            taken: Vec::new(),
+        }
+    }
+
+    /// The next line, without its newline; panics if none comes within [`PATIENCE`] or the pipe
+    /// closes first.
+    pub fn next_line(&mut self) -> String {
+        match self.lines.get_mut().unwrap().recv_timeout(PATIENCE) {
+            Ok(line) => {
+                self.taken.push(line.clone());
+                line
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "no line on {} in {PATIENCE:?}; before: {:?}",
+                self.what, self.taken
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{} closed; its lines: {:?}", self.what, self.taken)
+            }
+        }
+    }
+
+    /// The first line from here on for which `wanted` is true; panics if none comes within
+    /// [`PATIENCE`] or the pipe closes first.
+    pub fn find(&mut self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.get_mut().unwrap().recv_timeout(left) {
+                Ok(line) => {
+                    self.taken.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no such line on {} ({e:?} after {PATIENCE:?}); its lines: {:?}",
+                    self.what, self.taken
+                ),
+            }
+        }
+    }
+
+    /// Every line left until the pipe closes (the child has exited); panics if it is still open
+    /// after [`PATIENCE`].
+    pub fn rest(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut rest = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.get_mut().unwrap().recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return rest,
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "{} still open after {PATIENCE:?}; its last lines: {rest:?}",
+                    self.what
+                ),
+            }
+        }
+    }
+}
+
 /// The `echo` binary, running: killed when dropped.
 pub struct EchoProcess {
-    pub child: Child,
+    pub child: ChildGuard,
     pub addr: SocketAddr,
     /// The line it printed, `listening on ADDR (N threads)`.
     pub listening: String,
     /// The rest of its stdout: the other listeners' lines (`None` if not piped).
-    pub stdout: Option<BufReader<ChildStdout>>,
+    pub stdout: Option<Lines>,
 }
 
 impl EchoProcess {
@@ -284,12 +510,9 @@ impl EchoProcess {
     /// As [`EchoProcess::start_with`], without adding `--port 0`: `args` must choose port 0
     /// themselves, however they spell it.
     pub fn start_as_given(command: Command, args: &[&str]) -> EchoProcess {
-        let mut child = spawn(command, args);
-        let mut listening = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout
-            .read_line(&mut listening)
-            .expect("read the listening line");
+        let mut child = ChildGuard::new(spawn(command, args));
+        let mut stdout = Lines::read(child.stdout.take().unwrap(), "echo's stdout");
+        let listening = stdout.next_line();
         let addr = listening
             .strip_prefix("listening on ")
             .and_then(|rest| rest.split(' ').next())
@@ -298,22 +521,24 @@ impl EchoProcess {
         EchoProcess {
             child,
             addr,
-            listening: listening.trim_end().to_string(),
+            listening,
             stdout: Some(stdout),
         }
     }
 
-    /// The next line it printed on stdout, without its newline.
+    /// The next line it printed on stdout, without its newline, waited for up to [`PATIENCE`].
     pub fn next_line(&mut self) -> String {
-        let mut line = String::new();
-        let stdout = self.stdout.as_mut().expect("stdout piped");
-        stdout.read_line(&mut line).expect("read stdout");
-        line.trim_end().to_string()
+        self.stdout.as_mut().expect("stdout piped").next_line()
     }
 
     /// Its stderr, where the log goes.
     pub fn stderr(&mut self) -> ChildStderr {
         self.child.stderr.take().expect("stderr taken once")
+    }
+
+    /// Its stderr, read line by line as it comes: for a test that waits for a log line.
+    pub fn stderr_lines(&mut self) -> Lines {
+        Lines::read(self.stderr(), "echo's stderr")
     }
 
     /// Its resident memory in KiB, from `/proc`.
@@ -349,13 +574,6 @@ impl EchoProcess {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -413,18 +631,40 @@ pub fn run_echo(args: &[&str]) -> (Option<i32>, String, String) {
 
 /// As [`run_echo`], for a prepared command (another binary, or a wrapper around one).
 pub fn run_to_exit(command: Command, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = spawn(command, args);
-    let exited = eventually(|| child.try_wait().expect("wait for echo").is_some());
-    if !exited {
-        let _ = child.kill();
-    }
-    let output = child.wait_with_output().expect("collect echo's output");
-    assert!(exited, "echo {args:?} still ran after {PATIENCE:?}");
+    let output = exit_within_patience(ChildGuard::new(spawn(command, args)), &format!("{args:?}"));
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Waits for `child` to exit by itself, reading its stdout and stderr if they are piped (so
+/// that it never blocks on a full pipe); returns how it exited and what it wrote. Fails the
+/// test (and kills it) if it still runs after [`PATIENCE`]; `what` names it then.
+pub fn exit_within_patience(mut child: ChildGuard, what: &str) -> std::process::Output {
+    fn read_all(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let mut status = None;
+    let exited = eventually(|| {
+        status = child.try_wait().expect("wait for the child");
+        status.is_some()
+    });
+    assert!(exited, "{what} still ran after {PATIENCE:?}");
+    std::process::Output {
+        status: status.unwrap(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 /// The sorted names of the worker threads (`taskserve-w*`) of process `pid` (a number, or
@@ -441,10 +681,30 @@ pub fn worker_thread_names(pid: impl std::fmt::Display) -> Vec<String> {
     names
 }
 
+/// `s` as an IP address: `ip("127.0.0.2")`.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `s` as a socket address: `addr("192.0.2.1:1000")`.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Fails the test, saying why, unless this machine has an IPv6 loopback. The tests that need
+/// it have `over_ipv6` in their names: on a machine without IPv6, `cargo test -- --skip
+/// over_ipv6` leaves them out, and cargo's summary shows them filtered out. A test that
+/// returned early instead would pass on any start-up error, a regression included.
+pub fn require_ipv6_loopback() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        panic!("IPv6 loopback is missing on this machine ({e}): run with --skip over_ipv6");
+    }
+}
+
 /// Connects to `addr` from the local address `from` (`127.0.0.2`, `::1`...: any loopback
 /// address is this machine's), with the timeouts of [`connect`]: a client with an address of
 /// its own, for per-client limits and PROXY sources.
-pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+pub fn connect_from(from: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(from, 0).into())?;

@@ -15,7 +15,7 @@ use taskserve::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use taskserve::rustls::{self, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use taskserve::{Server, TlsConfig};
 
-use super::{connect, TempDir};
+use super::{connect, EchoProcess, TempDir};
 
 /// A TLS client connection over a blocking TCP stream.
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
@@ -149,6 +149,15 @@ pub fn start_tls_echo(builder: taskserve::Builder, tls: TlsConfig) -> Server {
         .listen_tls("127.0.0.1:0", tls)
         .start(taskserve::echo)
         .expect("TLS server starts on an ephemeral port")
+}
+
+/// Starts the `echo` binary with the test certificate on its `--port` listener, two threads, and
+/// `extra` flags: the process, as [`start_tls_echo`] is the library's server.
+pub fn start_tls_echo_process(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
+    let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
+    let mut args = vec!["--threads", "2", "--tls-cert", cert, "--tls-key", key];
+    args.extend_from_slice(extra);
+    EchoProcess::start(&args)
 }
 
 /// A client configuration trusting `ca`, presenting `client_cert` if given and offering `alpn`.
