@@ -150,6 +150,8 @@ fn answers_inline_commands_as_typed_into_nc() {
     exchange(&mut client, b"PING\r\n", b"+PONG\r\n");
     exchange(&mut client, b"set  k \t hello\n", b"+OK\r\n");
     exchange(&mut client, b"\r\nget k\r\n", b"$5\r\nhello\r\n");
+    // Empty requests, a blank line or an array of none, get no reply, as in Redis.
+    exchange(&mut client, b"*0\r\n*-1\r\n\r\nPING\r\n", b"+PONG\r\n");
 }
 
 #[test]

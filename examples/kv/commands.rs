@@ -297,7 +297,7 @@ fn unknown_command(args: Args<'_>, out: &mut Vec<u8>) {
 }
 
 /// An integer as Redis reads one: optional `-`, digits, no `+`, no leading zeros, in i64.
-pub fn parse_integer(bytes: &[u8]) -> Option<i64> {
+fn parse_integer(bytes: &[u8]) -> Option<i64> {
     let digits = bytes.strip_prefix(b"-").unwrap_or(bytes);
     let canonical = digits == b"0" && bytes.len() == 1
         || digits.first().is_some_and(|d| (b'1'..=b'9').contains(d));

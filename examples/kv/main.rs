@@ -104,17 +104,11 @@ async fn serve_client(store: Arc<Store>, mut conn: Connection) -> io::Result<()>
             let request = &buf[answered..filled];
             match parser.parse(request) {
                 Ok(Some(len)) => {
-                    let (ranges, request) = (parser.args(), &request[..len]);
                     answered += len;
+                    let (buf, ranges) = (&request[..len], parser.args());
+                    // An empty request (`*0`, a blank line) gets no reply, as in Redis.
                     if !ranges.is_empty()
-                        && execute(
-                            &store,
-                            Args {
-                                buf: request,
-                                ranges,
-                            },
-                            &mut out,
-                        ) == After::Close
+                        && execute(&store, Args { buf, ranges }, &mut out) == After::Close
                     {
                         break After::Close;
                     }
