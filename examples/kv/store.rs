@@ -120,9 +120,10 @@ impl Store {
 }
 
 /// Removes expired keys that no client touches, every `period`, on a thread of its own, until
-/// the store is dropped. (Redis samples keys ten times a second; a sweep of the shards that hold
-/// keys with an expiry, one shard locked at a time, is simpler and bounds the memory the same
-/// way.)
+/// the store is dropped. Each sweep passes over the shards that hold keys with an expiry, one
+/// shard locked at a time: simpler than Redis's sampling of 20 keys ten times a second, and it
+/// bounds the memory the same way, for a cost that grows with the keys (a million keys with an
+/// expiry take some milliseconds a sweep, and hold each of 64 shards for a few hundred µs).
 pub fn sweep_expired(store: &Arc<Store>, period: Duration) -> std::io::Result<()> {
     let store: Weak<Store> = Arc::downgrade(store);
     std::thread::Builder::new()
