@@ -25,9 +25,28 @@ fn header_dependencies(source: &str) -> Vec<String> {
 }
 
 /// Builds `example` (a file of examples/) alone in a crate under target/, offline with this
-/// repository's Cargo.lock; the build's stderr if it fails.
+/// repository's Cargo.lock; the build's stderr if it fails. An example is one file
+/// (`chat.rs`) or a folder whose `main.rs` has the header, beside its modules (`kv/`).
 fn build_alone(root: &Path, example: &str) -> Result<(), String> {
-    let source = std::fs::read_to_string(root.join("examples").join(example)).unwrap();
+    let path = root.join("examples").join(example);
+    let files: Vec<(String, String)> = if path.is_dir() {
+        std::fs::read_dir(&path)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|file| file.ends_with(".rs"))
+            .map(|file| {
+                let source = std::fs::read_to_string(path.join(&file)).unwrap();
+                (file, source)
+            })
+            .collect()
+    } else {
+        vec![("main.rs".into(), std::fs::read_to_string(&path).unwrap())]
+    };
+    let source = &files
+        .iter()
+        .find(|(file, _)| file == "main.rs")
+        .unwrap_or_else(|| panic!("{example} has no main.rs"))
+        .1;
     let name = example.trim_end_matches(".rs");
     let dir = root.join("target").join("standalone-examples").join(name);
     std::fs::create_dir_all(dir.join("src")).unwrap();
@@ -36,11 +55,13 @@ fn build_alone(root: &Path, example: &str) -> Result<(), String> {
          [workspace]\n\n[dependencies]\ntaskserve = {{ path = {:?} }}\n{}\n",
         name.replace('_', "-"),
         root.display().to_string(),
-        header_dependencies(&source).join("\n")
+        header_dependencies(source).join("\n")
     );
     std::fs::write(dir.join("Cargo.toml"), manifest).unwrap();
     std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-    std::fs::write(dir.join("src").join("main.rs"), &source).unwrap();
+    for (file, source) in &files {
+        std::fs::write(dir.join("src").join(file), source).unwrap();
+    }
     let output = Command::new(env!("CARGO"))
         .args(["build", "--offline", "--quiet"])
         .current_dir(&dir)
@@ -63,10 +84,10 @@ fn every_example_builds_with_only_the_dependencies_its_header_lists() {
     let mut examples: Vec<String> = std::fs::read_dir(root.join("examples"))
         .unwrap()
         .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-        .filter(|name| name.ends_with(".rs"))
+        .filter(|name| name.ends_with(".rs") || root.join("examples").join(name).is_dir())
         .collect();
     examples.sort();
-    assert!(examples.len() >= 5, "{examples:?}");
+    assert!(examples.len() >= 6, "{examples:?}");
     let failures: Vec<String> = examples
         .iter()
         .filter_map(|example| {
