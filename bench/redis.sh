@@ -60,24 +60,8 @@ results=$out/results.tsv
 printf 'round\tserver\ttest\trequests\tops\tcpu_ticks\n' >"$results"
 ticks_per_second=$(getconf CLK_TCK)
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-alive() { # a zombie (exited, not yet reaped) is not alive
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $state != Z* ]]
-}
-
-pid=
-stop_server() {
-    [ -n "$pid" ] || return 0
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 30); do alive "$pid" || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    pid=
-}
+# free_port, alive, stop_server: what every script here needs to run one server at a time.
+source "$here/servers.sh"
 trap stop_server EXIT
 
 # start_server NAME COMMAND LOG: sets pid and port; fails if it does not answer PING in 15 s.
