@@ -283,13 +283,12 @@ fn scrapes_during_a_load_of_200_clients_match_what_they_did() {
 
 #[test]
 fn refusals_at_a_limit_of_3_are_counted_and_the_metrics_port_is_not_limited() {
-    let server = Server::builder()
-        .threads(2)
-        .max_connections(3)
-        .listen_metrics("127.0.0.1:0")
-        .listen_tcp("127.0.0.1:0")
-        .start(taskserve::echo)
-        .unwrap();
+    let server = start_echo_with(
+        Server::builder()
+            .threads(2)
+            .max_connections(3)
+            .listen_metrics("127.0.0.1:0"),
+    );
     let metrics = server.metrics_addr().unwrap();
     let mut holders: Vec<_> = (0..3)
         .map(|_| connect(server.local_addr().unwrap()))
@@ -325,12 +324,7 @@ fn refusals_at_a_limit_of_3_are_counted_and_the_metrics_port_is_not_limited() {
 
 #[test]
 fn other_paths_get_404_other_methods_405_and_garbage_400() {
-    let server = Server::builder()
-        .threads(1)
-        .listen_metrics("127.0.0.1:0")
-        .listen_tcp("127.0.0.1:0")
-        .start(taskserve::echo)
-        .unwrap();
+    let server = start_echo_with(Server::builder().threads(1).listen_metrics("127.0.0.1:0"));
     let metrics = server.metrics_addr().unwrap();
     let status = |request: &str| http(metrics, request).0;
     assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 404);
@@ -368,12 +362,7 @@ fn other_paths_get_404_other_methods_405_and_garbage_400() {
 /// client keeps its side open, as a stalled client would.
 #[test]
 fn malformed_requests_get_400_at_once_and_the_absolute_form_is_served() {
-    let server = Server::builder()
-        .threads(1)
-        .listen_metrics("127.0.0.1:0")
-        .listen_tcp("127.0.0.1:0")
-        .start(taskserve::echo)
-        .unwrap();
+    let server = start_echo_with(Server::builder().threads(1).listen_metrics("127.0.0.1:0"));
     let metrics = server.metrics_addr().unwrap();
     let cases: [(&[u8], u16); 10] = [
         // HTTP/0.9: a request line without a version.
@@ -441,12 +430,7 @@ fn try_scrape(addr: SocketAddr) -> Option<u16> {
 
 #[test]
 fn scrapes_are_answered_while_64_stalled_connections_are_held_open() {
-    let server = Server::builder()
-        .threads(2)
-        .listen_metrics("127.0.0.1:0")
-        .listen_tcp("127.0.0.1:0")
-        .start(taskserve::echo)
-        .unwrap();
+    let server = start_echo_with(Server::builder().threads(2).listen_metrics("127.0.0.1:0"));
     let metrics = server.metrics_addr().unwrap();
     let mut stalled = Vec::new();
     let mut statuses = Vec::new();
