@@ -124,6 +124,14 @@ mod server;
 mod stop;
 mod transport;
 
+/// The fuzz targets' entry points (`fuzz/`), outside the API: not built unless asked for.
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
+/// `src/bin/echo/args.rs`, which `fuzzing` compiles, names the crate as the binary does.
+#[cfg(any(test, feature = "fuzzing"))]
+extern crate self as taskserve;
+
 pub use addr::{Addr, Cidr};
 pub use conn::connection::Connection;
 pub use echo::{echo, READ_SIZE};

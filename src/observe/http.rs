@@ -14,7 +14,7 @@ const MAX_HEADERS: usize = 64;
 
 /// What a request head asks for, once it is complete or known to be bad.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Request {
+pub(crate) enum Request {
     /// `GET` of one of the endpoint's pages (`head_only: false`), or `HEAD`.
     Get { page: Page, head_only: bool },
     /// Anything else: the error response it gets.
@@ -23,7 +23,7 @@ pub(super) enum Request {
 
 /// The pages the endpoint serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Page {
+pub(crate) enum Page {
     /// `/metrics`: the counters, in the Prometheus text format.
     Metrics,
     /// `/healthz`: 200 while the server runs.
@@ -105,7 +105,7 @@ pub(super) fn too_large() -> Response {
 
 /// An HTTP/1.1 response, closed after it is sent.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Response {
+pub(crate) struct Response {
     pub(super) status: u16,
     reason: &'static str,
     pub(super) headers: Vec<(&'static str, &'static str)>,
@@ -152,7 +152,7 @@ impl Response {
         }
     }
 
-    pub(super) fn into_bytes(self) -> Vec<u8> {
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, self.reason);
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");

@@ -4,10 +4,10 @@
 
 pub(crate) mod counters;
 #[cfg(feature = "metrics")]
-mod http;
+pub(crate) mod http;
 pub(crate) mod meter;
 #[cfg(feature = "metrics")]
-mod prometheus;
+pub(crate) mod prometheus;
 #[cfg(feature = "metrics")]
 mod scrapes;
 pub(crate) mod stats;

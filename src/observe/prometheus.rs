@@ -31,7 +31,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use smol::future::FutureExt;
-use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use smol::Timer;
 
 use super::counters::Counters;
@@ -156,7 +156,7 @@ fn unavailable() -> Response {
 }
 
 /// Reads until the request head is complete or known to be bad.
-async fn read_head(stream: &mut Stream) -> io::Result<Request> {
+pub(crate) async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Request> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0; 1024];
     loop {

@@ -5,13 +5,14 @@
 //! The header is framed here, reading exactly its bytes and never one of the payload after it
 //! (the handler, or the TLS handshake, reads those); the `ppp` crate parses the bytes.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, info};
-use smol::io::AsyncReadExt;
+use smol::io::{AsyncRead, AsyncReadExt};
 
 use crate::addr::{canonical, canonical_ip, Addr, Cidr};
 use crate::deadline::within;
@@ -105,6 +106,20 @@ const V2_MAX_LENGTH: usize = 2048;
 /// How much of a header is read at a time.
 const PIECE: usize = 512;
 
+/// What a header is read from: a socket that can show the bytes that have arrived without
+/// taking them. A TCP stream; bytes in memory, arriving in pieces, for the fuzz targets.
+pub(crate) trait Peek: AsyncRead + Unpin {
+    /// Waits for bytes that were not read yet and copies them into `buf`, leaving them to be
+    /// read; 0 once the peer has closed.
+    fn peek(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl Peek for async_net::TcpStream {
+    fn peek(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send {
+        async_net::TcpStream::peek(self, buf)
+    }
+}
+
 /// How much of the bytes seen so far belong to the header.
 #[derive(Debug, PartialEq, Eq)]
 enum Framing {
@@ -148,7 +163,7 @@ fn frame(seen: &[u8]) -> Result<Framing, &'static str> {
 /// peeks at what has arrived and reads only what is header; then reads the rest. The buffer
 /// grows with the bytes that came, never ahead of them to the length a header announces:
 /// 16 bytes must not buy 2 KiB. Usually one peek and one read.
-async fn read_framed(stream: &mut async_net::TcpStream) -> io::Result<Vec<u8>> {
+pub(crate) async fn read_framed(stream: &mut impl Peek) -> io::Result<Vec<u8>> {
     let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut header = Vec::with_capacity(V1_MAX);
     let mut piece = [0; PIECE];
@@ -185,14 +200,14 @@ async fn read_framed(stream: &mut async_net::TcpStream) -> io::Result<Vec<u8>> {
 
 /// What a header says, once parsed.
 #[derive(Debug, PartialEq, Eq)]
-struct Parsed {
+pub(crate) struct Parsed {
     /// The client, if the header names one.
     source: Option<SocketAddr>,
     info: ProxyInfo,
 }
 
 /// Parses a framed header (as [`read_framed`] reads it) with `ppp`.
-fn parse(header: &[u8], proxy_addr: SocketAddr) -> Result<Parsed, String> {
+pub(crate) fn parse(header: &[u8], proxy_addr: SocketAddr) -> Result<Parsed, String> {
     let mut info = ProxyInfo {
         version: 1,
         proxy_addr,

@@ -170,10 +170,21 @@ impl TlsConfig {
 }
 
 fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
-    let certs = read_certs(&files.cert, Wanted::Certificates)?;
-    let key = read_pem_file(&files.key)
-        .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
-        .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
+    load_with(files, read_pem_file)
+}
+
+/// The configuration `files` describe, their bytes read by `read`: the files' own bytes
+/// ([`read_pem_file`]), or in the fuzz targets bytes in memory, which take the same path from
+/// there on. Each file is read once the one before it has loaded, so that the first mistake is
+/// the one reported.
+fn load_with(
+    files: &Files,
+    read: impl Fn(&Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error>,
+) -> io::Result<Arc<ServerConfig>> {
+    let certs = read_certs(&files.cert, Wanted::Certificates, &read)?;
+    let pem = read(&files.key).map_err(|e| pem_error(&files.key, &[], Wanted::PrivateKey, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| pem_error(&files.key, &pem, Wanted::PrivateKey, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -182,7 +193,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca, Wanted::CaCertificates)? {
+            for cert in read_certs(ca, Wanted::CaCertificates, &read)? {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -203,18 +214,46 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
-    let certs = read_pem_file(path)
-        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
-        .map_err(|e| pem_error(path, wanted, e))?;
+fn read_certs(
+    path: &Path,
+    wanted: Wanted,
+    read: impl Fn(&Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error>,
+) -> io::Result<Vec<CertificateDer<'static>>> {
+    let pem = read(path).map_err(|e| pem_error(path, &[], wanted, e))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, &pem, wanted, e))?;
     if certs.is_empty() {
         return Err(pem_error(
             path,
+            &pem,
             wanted,
             rustls::pki_types::pem::Error::NoItemsFound,
         ));
     }
     Ok(certs)
+}
+
+/// Loads a configuration from PEM bytes in memory (a certificate chain, its key and optionally
+/// client CA certificates) as [`TlsConfig::with_client_ca_file`] loads them from files: the
+/// fuzz targets' way in.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn load_pem_bytes(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> io::Result<()> {
+    let files = Files {
+        cert: "cert.pem".into(),
+        key: "key.pem".into(),
+        client_ca: client_ca.map(|_| "ca.pem".into()),
+        alpn: Vec::new(),
+    };
+    load_with(&files, |path| {
+        Ok(match path.to_str() {
+            Some("cert.pem") => cert,
+            Some("key.pem") => key,
+            _ => client_ca.unwrap_or_default(),
+        }
+        .to_vec())
+    })
+    .map(drop)
 }
 
 /// The most a PEM file may hold: a certificate chain or a key takes a few KiB.

@@ -35,6 +35,7 @@ impl Wanted {
 /// private key: are the certificate and key swapped?`.
 pub(crate) fn pem_error(
     path: &Path,
+    pem: &[u8],
     wanted: Wanted,
     e: rustls::pki_types::pem::Error,
 ) -> io::Error {
@@ -42,7 +43,7 @@ pub(crate) fn pem_error(
     let name = path.display();
     let message = match e {
         Error::Io(e) => return io::Error::new(e.kind(), format!("cannot read {name}: {e}")),
-        Error::NoItemsFound => not_found_message(path, wanted),
+        Error::NoItemsFound => not_found_message(path, pem, wanted),
         Error::MissingSectionEnd { end_marker } => format!(
             "{name}: a PEM section has no end line (-----END {}-----): is the file cut short?",
             String::from_utf8_lossy(&end_marker)
@@ -59,18 +60,14 @@ pub(crate) fn pem_error(
     invalid_data(message)
 }
 
-/// Why a file held nothing of what was `wanted`, from what it holds instead.
-fn not_found_message(path: &Path, wanted: Wanted) -> String {
+/// Why a file, whose bytes are `pem`, held nothing of what was `wanted`, from what it holds
+/// instead.
+fn not_found_message(path: &Path, pem: &[u8], wanted: Wanted) -> String {
     use rustls::pki_types::pem::SectionKind::{self, *};
     let name = path.display();
-    // Read again only on this error path, to tell the user what the file holds.
-    let kinds: Vec<SectionKind> = <(SectionKind, Vec<u8>)>::pem_file_iter(path)
-        .map(|sections| {
-            sections
-                .filter_map(|s| s.ok().map(|(kind, _)| kind))
-                .collect()
-        })
-        .unwrap_or_default();
+    let kinds: Vec<SectionKind> = <(SectionKind, Vec<u8>)>::pem_slice_iter(pem)
+        .filter_map(|s| s.ok().map(|(kind, _)| kind))
+        .collect();
     let has_key = kinds
         .iter()
         .any(|k| matches!(k, PrivateKey | RsaPrivateKey | EcPrivateKey));

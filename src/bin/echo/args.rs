@@ -1,9 +1,13 @@
 //! The flags: what each one means (its doc comment is its `--help` text) and the values it
 //! takes, checked as they are parsed.
+//!
+//! This file uses nothing but argh and taskserve's public API, so that the fuzz target of the
+//! flags (`taskserve::fuzzing::echo_args`) compiles it as it is.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use argh::{ArgsInfo, FromArgs};
+use argh::{ArgsInfo, FlagInfoKind, FromArgs};
 
 /// Serve the GOT: echo protocol: every chunk a client sends comes back as GOT: followed by it.
 #[derive(FromArgs, ArgsInfo, Debug)]
@@ -124,6 +128,58 @@ pub struct Args {
     /// print the version and exit
     #[argh(switch, short = 'V')]
     pub version: bool,
+}
+
+/// Why parsing stopped before there were flags to serve with.
+#[derive(Debug)]
+pub enum Stop {
+    /// `--help`: the text to print on stdout before exiting with success.
+    Help(String),
+    /// A mistake in the flags: the message to print on stderr before exiting with 2.
+    Usage(String),
+}
+
+/// The flags in `args`, the arguments after the program's name, which `command` is.
+pub fn parse(command: &str, args: &[OsString]) -> Result<Args, Stop> {
+    let args: Vec<String> = args
+        .iter()
+        .map(|arg| arg.to_str().map(String::from).ok_or(arg))
+        .collect::<Result<_, _>>()
+        .map_err(|bad| Stop::Usage(format!("Invalid argument {bad:?}: not valid UTF-8")))?;
+    let rest = argh_spelling(&args);
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    Args::from_args(&[command], &rest).map_err(|early| match early.status {
+        Ok(()) => Stop::Help(early.output),
+        Err(()) => Stop::Usage(early.output.trim_end().to_string()),
+    })
+}
+
+/// Rewrites a spelling users type and argh rejects: `--name=value` for an option becomes
+/// `--name value`. A switch keeps its `=` (`--quiet=no` stays an error), and an option's value
+/// is passed on as it is, even if it looks like a flag.
+fn argh_spelling(args: &[String]) -> Vec<String> {
+    let flags = Args::get_args_info().flags;
+    let is_option = |name: &str| {
+        flags
+            .iter()
+            .any(|flag| flag.long == name && matches!(flag.kind, FlagInfoKind::Option { .. }))
+    };
+    let mut spelled = Vec::with_capacity(args.len() + 1);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if is_option(arg) {
+            spelled.push(arg.clone());
+            spelled.extend(args.next().cloned());
+        } else {
+            match arg.split_once('=') {
+                Some((name, value)) if is_option(name) => {
+                    spelled.extend([name.to_string(), value.to_string()]);
+                }
+                _ => spelled.push(arg.clone()),
+            }
+        }
+    }
+    spelled
 }
 
 /// `--host` unless given: this machine only.

@@ -15,8 +15,6 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use argh::{ArgsInfo, FlagInfoKind, FromArgs};
-
 use args::Args;
 pub fn main() -> ExitCode {
     // `args_os`: `std::env::args` panics on an argument that is not UTF-8.
@@ -64,53 +62,17 @@ fn program_name(argv0: Option<&OsString>) -> &str {
 /// argh's own `from_env` exits with 1 on bad flags; a usage error gets 2 here, as is the custom,
 /// so that it differs from a failure to serve.
 fn parse_args(command: &str, args: &[OsString]) -> Result<Args, ExitCode> {
-    let usage_error = |message: &str| {
-        let help = format!("Run {command} --help for more information.");
-        let _ = print_line(io::stderr(), format_args!("{message}\n{help}"));
-        ExitCode::from(2)
-    };
-    let args: Vec<String> = args
-        .iter()
-        .map(|arg| arg.to_str().map(String::from).ok_or(arg))
-        .collect::<Result<_, _>>()
-        .map_err(|bad| usage_error(&format!("Invalid argument {bad:?}: not valid UTF-8")))?;
-    let rest = argh_spelling(&args);
-    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-    Args::from_args(&[command], &rest).map_err(|early| match early.status {
-        Ok(()) => {
-            let _ = print_line(io::stdout(), early.output);
+    args::parse(command, args).map_err(|stop| match stop {
+        args::Stop::Help(text) => {
+            let _ = print_line(io::stdout(), text);
             ExitCode::SUCCESS
         }
-        Err(()) => usage_error(early.output.trim_end()),
-    })
-}
-
-/// Rewrites a spelling users type and argh rejects: `--name=value` for an option becomes
-/// `--name value`. A switch keeps its `=` (`--quiet=no` stays an error), and an option's value
-/// is passed on as it is, even if it looks like a flag.
-fn argh_spelling(args: &[String]) -> Vec<String> {
-    let flags = Args::get_args_info().flags;
-    let is_option = |name: &str| {
-        flags
-            .iter()
-            .any(|flag| flag.long == name && matches!(flag.kind, FlagInfoKind::Option { .. }))
-    };
-    let mut spelled = Vec::with_capacity(args.len() + 1);
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        if is_option(arg) {
-            spelled.push(arg.clone());
-            spelled.extend(args.next().cloned());
-        } else {
-            match arg.split_once('=') {
-                Some((name, value)) if is_option(name) => {
-                    spelled.extend([name.to_string(), value.to_string()]);
-                }
-                _ => spelled.push(arg.clone()),
-            }
+        args::Stop::Usage(message) => {
+            let help = format!("Run {command} --help for more information.");
+            let _ = print_line(io::stderr(), format_args!("{message}\n{help}"));
+            ExitCode::from(2)
         }
-    }
-    spelled
+    })
 }
 
 fn run(args: &Args) -> io::Result<()> {
