@@ -312,6 +312,32 @@ fn a_v2_header_announcing_more_than_a_load_balancer_sends_is_closed_at_once() {
 }
 
 #[test]
+fn a_refused_header_ends_in_a_plain_close_not_a_reset() {
+    // Each sent in one write, so that it has all arrived when the server reads: a refused
+    // header used to leave what followed it (or what was peeked at) unread, and closing a
+    // socket with unread bytes resets the connection.
+    let mut announcing_too_much = v2_announcing(u16::MAX);
+    announcing_too_much.extend(b"more");
+    let refused: [&[u8]; 5] = [
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 1 99999\r\nhello",
+        &[b"PROXY ", &[b'A'; 200][..]].concat(),
+        &announcing_too_much,
+        b"\x16\x03\x01\x00\x05hello",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    let (server, reports) = start_proxied(ProxyProtocol::new().timeout(PATIENCE * 3));
+    for bytes in refused {
+        let mut client = connect(server.local_addr().unwrap());
+        client.write_all(bytes).unwrap();
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let outcome = client.read(&mut [0; 64]);
+        let what = String::from_utf8_lossy(bytes);
+        assert!(matches!(outcome, Ok(0)), "{what:?}: {outcome:?}");
+    }
+    assert!(reports.try_recv().is_err(), "a handler ran");
+}
+
+#[test]
 fn a_thousand_v2_headers_announcing_64_kib_leave_no_memory_behind() {
     let args = ["--proxy-protocol", "--proxy-timeout", "600", "--quiet"];
     let server = EchoProcess::start(&args);

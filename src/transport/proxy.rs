@@ -323,6 +323,7 @@ pub(crate) async fn read_header(
         Ok(header) => header,
         Err(e) => {
             debug!("{peer}: closed: {e}");
+            discard_received(tcp).await;
             return None;
         }
     };
@@ -330,6 +331,7 @@ pub(crate) async fn read_header(
         Ok(parsed) => parsed,
         Err(e) => {
             debug!("{peer}: closed: malformed PROXY header: {e}");
+            discard_received(tcp).await;
             return None;
         }
     };
@@ -348,6 +350,19 @@ pub(crate) async fn read_header(
         debug!("{peer}: through the proxy at {proxy_addr}");
     }
     Some(info)
+}
+
+/// Reads and drops what the client has sent and nothing has read (the bytes after a malformed
+/// header, or those peeked at but not framed), up to 64 KiB, without waiting for more: a socket
+/// closed with unread bytes is reset, and a refused header should end in a plain close.
+async fn discard_received(tcp: &mut async_net::TcpStream) {
+    let mut piece = [0; PIECE];
+    for _ in 0..128 {
+        match smol::future::poll_once(tcp.read(&mut piece)).await {
+            Some(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
 }
 
 #[cfg(test)]
