@@ -55,6 +55,24 @@ fn a_key_of_another_certificate_is_named_as_not_its_key() {
 }
 
 #[test]
+fn a_certificate_or_key_rustls_cannot_read_is_named_alone() {
+    // PEM sections around bytes that are not DER: rustls refuses each one while checking the
+    // pair, which was reported as a certificate and key that "do not go together".
+    let files = TlsFiles::new();
+    let not_der = |kind: &str| format!("-----BEGIN {kind}-----\nAAAA\n-----END {kind}-----\n");
+    let cert = files.dir.join("not-der-cert.pem");
+    std::fs::write(&cert, not_der("CERTIFICATE")).unwrap();
+    let message = load_error(&cert, &files.key);
+    let named = format!("{}: its first certificate cannot be served", cert.display());
+    assert!(message.starts_with(&named), "{message}");
+    let key = files.dir.join("not-der-key.pem");
+    std::fs::write(&key, not_der("PRIVATE KEY")).unwrap();
+    let message = load_error(&files.cert, &key);
+    let named = format!("{}: not a private key rustls can use", key.display());
+    assert!(message.starts_with(&named), "{message}");
+}
+
+#[test]
 fn swapped_certificate_and_key_are_called_swapped() {
     let files = TlsFiles::new();
     let message = load_error(&files.key, &files.cert);

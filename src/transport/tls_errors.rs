@@ -96,7 +96,10 @@ fn not_found_message(path: &Path, pem: &[u8], wanted: Wanted) -> String {
     }
 }
 
-/// The certificate and key loaded, but do not make a pair: say which file to change.
+/// The certificate and key are PEM, but rustls cannot serve them as a pair: say which file to
+/// change. rustls checks the pair by reading the key and the certificate's public key, so a
+/// certificate it cannot read (an X.509 v1 one, bytes that are not DER) or a key of no type it
+/// knows ends here as well as a key of another certificate.
 pub(crate) fn mismatch_error(cert: &Path, key: &Path, e: rustls::Error) -> io::Error {
     let (cert, key) = (cert.display(), key.display());
     invalid_data(match e {
@@ -104,6 +107,14 @@ pub(crate) fn mismatch_error(cert: &Path, key: &Path, e: rustls::Error) -> io::E
             "{cert} and {key} do not go together: {key} is not the private key of that \
              certificate; give the key the certificate was made with"
         ),
+        rustls::Error::InvalidCertificate(e) => format!(
+            "{cert}: its first certificate cannot be served ({e:?}): give an X.509 v3 \
+             certificate in PEM"
+        ),
+        // The one general error of loading a pair: the key, of no type rustls knows.
+        rustls::Error::General(e) => {
+            format!("{key}: not a private key rustls can use ({e}): give a PKCS#8, RSA or SEC1 key")
+        }
         e => format!("{cert} and {key} do not go together: {e}"),
     })
 }
