@@ -189,7 +189,16 @@ pub fn tls_connect(
     config: &Arc<ClientConfig>,
     server_name: &str,
 ) -> io::Result<TlsStream> {
-    let mut tcp = connect(addr);
+    tls_handshake(connect(addr), config, server_name)
+}
+
+/// As [`tls_connect`], over a TCP connection made by the caller (with options of its own, such
+/// as keepalive).
+pub fn tls_handshake(
+    mut tcp: TcpStream,
+    config: &Arc<ClientConfig>,
+    server_name: &str,
+) -> io::Result<TlsStream> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;
