@@ -14,6 +14,7 @@ mod common;
 
 mod clients;
 mod netns;
+mod partition;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -110,35 +111,49 @@ fn resets_close_clients_cleanly_and_the_counts_add_up() {
     });
 }
 
-/// Runs `scenario`: in the namespace if this process is there for it, else by re-executing
-/// this binary there.
+/// Runs `scenario` in a network namespace of its own.
 fn run(scenario: &Scenario) {
-    if std::env::var(INSIDE).as_deref() == Ok(scenario.test) {
-        inside(scenario);
+    // The clients' deadline, the wait for the idle timeout, and a minute for the rest.
+    let limit = scenario.deadline + scenario.idle_timeout * 2 + Duration::from_secs(60);
+    in_namespace(scenario.test, limit, || inside(scenario));
+}
+
+/// Runs `body`, the test `test`, in a network namespace of its own that has nothing but its
+/// loopback: calls it if this process is that test re-executed there, else re-executes it
+/// there and waits up to `limit` for it.
+fn in_namespace(test: &str, limit: Duration, body: impl FnOnce()) {
+    if std::env::var(INSIDE).as_deref() == Ok(test) {
+        // /proc/net is the namespace's own (/sys/class/net is whichever namespace mounted /sys).
+        let devices = std::fs::read_to_string("/proc/net/dev").expect("read /proc/net/dev");
+        let interfaces: Vec<&str> = devices
+            .lines()
+            .filter_map(|line| Some(line.split_once(':')?.0.trim()))
+            .collect();
+        assert_eq!(interfaces, ["lo"], "not in a namespace of the test's own");
+        command_line(LINK);
+        body();
     } else {
-        outside(scenario);
+        outside(test, limit);
     }
 }
 
-/// Re-executes this test binary, running `scenario.test` only, in a new network namespace;
-/// passes on what it printed, and fails if it failed or printed no summary.
-fn outside(scenario: &Scenario) {
+/// Re-executes this test binary, running `test` only, in a new network namespace; passes on
+/// what it printed, and fails if it failed or printed no summary.
+fn outside(test: &str, limit: Duration) {
     let exe = std::env::current_exe().expect("the test binary's path");
     let mut command = Command::new("unshare");
     command
         .arg("--net")
         .arg("--")
         .arg(exe)
-        .args(["--exact", scenario.test, "--include-ignored", "--nocapture"])
+        .args(["--exact", test, "--include-ignored", "--nocapture"])
         .args(["--test-threads", "1"])
-        .env(INSIDE, scenario.test)
+        .env(INSIDE, test)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = ChildGuard::new(command.spawn().expect("run unshare (util-linux)"));
-    // The clients' deadline, the wait for the idle timeout, and a minute for the rest.
-    let limit = scenario.deadline + scenario.idle_timeout * 2 + Duration::from_secs(60);
-    let output = exit_within(child, scenario.test, limit);
+    let output = exit_within(child, test, limit);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Captured by the harness: shown with --nocapture, or when the test fails.
@@ -150,17 +165,9 @@ fn outside(scenario: &Scenario) {
     assert!(stdout.contains(SUMMARY), "the scenario printed no summary");
 }
 
-/// The scenario itself, in its namespace: sets up the loopback, starts the server, degrades the
-/// network, runs the clients and checks what they and the server saw.
+/// The scenario itself, in its namespace: starts the server, degrades the network, runs the
+/// clients and checks what they and the server saw.
 fn inside(scenario: &Scenario) {
-    // /proc/net is the namespace's own (/sys/class/net is whichever namespace mounted /sys).
-    let devices = std::fs::read_to_string("/proc/net/dev").expect("read /proc/net/dev");
-    let interfaces: Vec<&str> = devices
-        .lines()
-        .filter_map(|line| Some(line.split_once(':')?.0.trim()))
-        .collect();
-    assert_eq!(interfaces, ["lo"], "not in a namespace of the test's own");
-    command_line(LINK);
     let files = TlsFiles::new();
     let server = Server::builder()
         .threads(2)

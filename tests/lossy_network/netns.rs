@@ -56,6 +56,33 @@ pub fn run_tool(program: &str, args: &[&str], input: Option<&str>) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Adds `rules` to the input hook of the namespace's table `inet lossy` (made by the first
+/// call): a packet they drop is lost after it left its sender, as on a wire. Prints the
+/// ruleset, as the record of what was done.
+pub fn nft_input_rules(rules: &[String]) {
+    let rules: String = rules.iter().map(|rule| format!("\t\t{rule}\n")).collect();
+    let ruleset = format!(
+        "table inet lossy {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         {rules}\
+         \t}}\n\
+         }}\n"
+    );
+    println!("nft -f - <<'EOF'\n{ruleset}EOF");
+    run_tool("nft", &["-f", "-"], Some(&ruleset));
+}
+
+/// Packets the rules of [`nft_input_rules`] dropped or reset so far, from their counters.
+pub fn nft_hits() -> u64 {
+    let table = run_tool("nft", &["list", "table", "inet", "lossy"], None);
+    table
+        .split("counter packets ")
+        .skip(1)
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The faults injected into the namespace's loopback.
 pub struct Faults {
     nft: bool,
@@ -69,17 +96,10 @@ impl Faults {
         if let Some(statement) = scenario.nft {
             let ports: Vec<String> = addrs.iter().map(|a| a.port().to_string()).collect();
             let ports = ports.join(", ");
-            let ruleset = format!(
-                "table inet lossy {{\n\
-                 \tchain input {{\n\
-                 \t\ttype filter hook input priority filter; policy accept;\n\
-                 \t\ttcp dport {{ {ports} }} {statement}\n\
-                 \t\ttcp sport {{ {ports} }} {statement}\n\
-                 \t}}\n\
-                 }}\n"
-            );
-            println!("nft -f - <<'EOF'\n{ruleset}EOF");
-            run_tool("nft", &["-f", "-"], Some(&ruleset));
+            nft_input_rules(&[
+                format!("tcp dport {{ {ports} }} {statement}"),
+                format!("tcp sport {{ {ports} }} {statement}"),
+            ]);
         }
         if let Some(qdisc) = scenario.qdisc {
             BOTTLENECK.iter().for_each(|line| command_line(line));
@@ -93,15 +113,11 @@ impl Faults {
 
     /// Packets the nftables rules dropped or reset, from their counters.
     fn hit(&self) -> u64 {
-        if !self.nft {
-            return 0;
+        if self.nft {
+            nft_hits()
+        } else {
+            0
         }
-        let table = run_tool("nft", &["list", "table", "inet", "lossy"], None);
-        table
-            .split("counter packets ")
-            .skip(1)
-            .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
-            .sum()
     }
 
     /// The qdisc's statistics line: `Sent N bytes M pkt (dropped D, overlimits O requeues R)`.
