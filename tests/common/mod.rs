@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use taskserve::{Builder, Connection, ConnectionInfo, Server};
 
+pub mod programs;
 #[cfg(feature = "tls")]
 pub mod tls;
 

@@ -177,11 +177,7 @@ fn inside(scenario: &Scenario) {
         .listen_tls("127.0.0.1:0", files.config())
         .start(taskserve::echo)
         .expect("the server starts");
-    let addrs: Vec<SocketAddr> = server
-        .local_addrs()
-        .iter()
-        .map(|(addr, _)| addr.to_string().parse().expect("an IP address"))
-        .collect();
+    let addrs = inet_addrs(&server);
     let faults = Faults::inject(scenario, &addrs);
     let start = Instant::now();
     let load = Load::run(scenario, addrs[0], addrs[1], &files.client());
@@ -201,6 +197,15 @@ fn inside(scenario: &Scenario) {
     load.check(scenario);
     check_counts(scenario, &stats, &load);
     faults.check();
+}
+
+/// The addresses `server` listens on, all TCP (TLS included), in the order added.
+fn inet_addrs(server: &Server) -> Vec<SocketAddr> {
+    server
+        .local_addrs()
+        .iter()
+        .map(|(addr, _)| addr.to_string().parse().expect("an IP address"))
+        .collect()
 }
 
 /// Waits for the server's open connections to drop to 0, for up to its idle timeout and an

@@ -1,10 +1,9 @@
 //! The namespace's network: its loopback, and the faults injected into it with nftables and tc.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
-use super::common::{exit_within_patience, ChildGuard};
+use super::common::programs::run_to_success;
+use super::common::PATIENCE;
 use super::Scenario;
 
 /// The loopback as every scenario has it: a real link's MTU, and one segment per packet (no
@@ -37,22 +36,8 @@ pub fn command_line(line: &str) {
 /// Runs `program` with `args` and `input` on its stdin; returns its stdout, or panics with its
 /// stderr.
 pub fn run_tool(program: &str, args: &[&str], input: Option<&str>) -> String {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {program} (bash .ci/run installs it): {e}"));
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.unwrap_or("").as_bytes()).unwrap();
-    drop(stdin);
-    let output = exit_within_patience(ChildGuard::new(child), program);
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let input = input.unwrap_or("").as_bytes();
+    let output = run_to_success(program, args, input, PATIENCE, "bash .ci/run installs it");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::common::tls::{tls_handshake, tls_round_trip, TlsFiles, TlsStream};
 use super::common::{connect, connect_from, eventually, eventually_within, ip, round_trip};
 use super::netns::{nft_hits, nft_input_rules};
-use super::{describe, in_namespace, SUMMARY};
+use super::{describe, in_namespace, inet_addrs, SUMMARY};
 use taskserve::io::AsyncWriteExt;
 use taskserve::{Builder, CloseReason, Connection, Server};
 
@@ -67,11 +67,7 @@ fn partition() {
         .listen_tcp("127.0.0.1:0")
         .start(ticking)
         .expect("the ticking server starts");
-    let addrs: Vec<SocketAddr> = echo
-        .local_addrs()
-        .iter()
-        .map(|(addr, _)| addr.to_string().parse().expect("an IP address"))
-        .collect();
+    let addrs = inet_addrs(&echo);
     let far = ip("127.0.0.2");
     let quiet_tcp: Vec<TcpStream> = (0..QUIET_TCP)
         .map(|_| {
