@@ -1,28 +1,19 @@
-//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable),
-//! the handshake and the close, stages of a connection's task around its handler, each with
-//! its own deadline.
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable).
+//! The sessions it starts are in `tls_session`.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use futures_rustls::pki_types::pem::PemObject;
 use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use futures_rustls::rustls::server::WebPkiClientVerifier;
+use futures_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use futures_rustls::rustls::sign::CertifiedKey;
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
-use futures_rustls::TlsAcceptor;
-use log::debug;
-use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
-use super::tls_records::RecordTracker;
-use crate::deadline::within;
-use crate::info::{ConnectionInfo, TlsInfo, Transport};
-use crate::logging::Peer;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
 /// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
@@ -90,7 +81,7 @@ impl TlsConfig {
     pub fn from_server_config(config: Arc<ServerConfig>) -> Self {
         TlsConfig(Arc::new(Reloadable {
             files: None,
-            current: RwLock::new(config),
+            current: RwLock::new(noting_server_names(config)),
         }))
     }
 
@@ -138,7 +129,7 @@ impl TlsConfig {
             .0
             .current
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = config;
+            .unwrap_or_else(PoisonError::into_inner) = noting_server_names(config);
         Ok(())
     }
 
@@ -146,7 +137,7 @@ impl TlsConfig {
         let config = load(&files)?;
         Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
-            current: RwLock::new(config),
+            current: RwLock::new(noting_server_names(config)),
         })))
     }
 
@@ -159,7 +150,7 @@ impl TlsConfig {
         })
     }
 
-    fn current(&self) -> Arc<ServerConfig> {
+    pub(super) fn current(&self) -> Arc<ServerConfig> {
         let current = self
             .0
             .current
@@ -245,180 +236,40 @@ fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> 
     Ok(pem)
 }
 
-/// The TLS handshake of one connection, within `timeout`: the stream then becomes the
-/// decrypted session, `info` learns what was settled, and [`Closing`] ends the session once the
-/// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
-/// sends something else, or takes too long.
-pub(crate) async fn handshake(
-    tcp: async_net::TcpStream,
-    info: &mut ConnectionInfo,
-    tls: &TlsConfig,
-    timeout: Duration,
-    peer: &Peer,
-) -> Option<(TlsSession, Closing)> {
-    let accepting = TlsAcceptor::from(tls.current()).accept(RecordTracker::new(tcp));
-    let stream = match within(timeout, "no handshake", accepting).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            debug!("{peer}: TLS handshake failed: {e}");
-            return None;
-        }
-    };
-    let (_, session) = stream.get_ref();
-    info.transport = Transport::Tls;
-    info.tls = Some(TlsInfo {
-        server_name: session.server_name().map(str::to_string),
-        alpn_protocol: session.alpn_protocol().map(<[u8]>::to_vec),
-        client_subject: session
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|cert| subject(cert)),
-    });
-    let closing = Closing::default();
-    let session = TlsSession {
-        stream: Some(Box::new(stream)),
-        closing: closing.clone(),
-    };
-    Some((session, closing))
+/// `config` with a certificate resolver that notes the server name each client asks for, for
+/// [`TlsInfo::server_name`].
+fn noting_server_names(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.cert_resolver = Arc::new(NoteServerName(config.cert_resolver));
+    Arc::new(config)
 }
 
-/// A server-side TLS stream over TCP, whose record framing is followed (see [`RecordTracker`]).
-type ServerStream = futures_rustls::server::TlsStream<RecordTracker<async_net::TcpStream>>;
-
-/// A TLS session as its handler holds it. Dropped, it hands its stream back to the connection's
-/// task ([`Closing::close`]), because ending a session takes more than a drop can do: what the
-/// handler wrote last may still be in rustls's buffer, waiting for room in the socket, and the
-/// client is owed a close_notify. (A TCP socket needs none of this: after a close, the kernel
-/// sends what it still holds.)
-pub(crate) struct TlsSession {
-    /// `Some` until dropped.
-    stream: Option<Box<ServerStream>>,
-    closing: Closing,
+thread_local! {
+    /// The server name a client asked for, noted by [`NoteServerName`] while rustls handles
+    /// its hello: rustls's unbuffered connection has no accessor for it.
+    static SERVER_NAME: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
 }
 
-impl TlsSession {
-    fn stream(&mut self) -> Pin<&mut ServerStream> {
-        Pin::new(
-            self.stream
-                .as_mut()
-                .expect("a TlsSession has its stream until dropped"),
-        )
-    }
-
-    /// A read's result as the handler sees it: a client that closed its socket without
-    /// close_notify, at the end of a record, has closed (`Ok(0)`), as Go's crypto/tls takes
-    /// it; in the middle of a record, what it sent was cut short, and that stays an error.
-    fn eof_without_close_notify(
-        &mut self,
-        read: Poll<io::Result<usize>>,
-    ) -> Poll<io::Result<usize>> {
-        let Poll::Ready(Err(e)) = &read else {
-            return read;
-        };
-        let Some(stream) = self.stream.as_mut() else {
-            return read;
-        };
-        let (records, _) = stream.get_mut();
-        if e.kind() != io::ErrorKind::UnexpectedEof || !records.saw_eof() {
-            return read;
-        }
-        if records.ended_between_records() {
-            records.missing_close_notify = true;
-            return Poll::Ready(Ok(0));
-        }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed in the middle of a TLS record, without close_notify: what it sent was cut short",
-        )))
-    }
+/// The server name that the last client hello handled on this thread asked for (`Some(None)`:
+/// none), once; `None` if no hello was handled since the last call. A session calls it right
+/// after handing rustls the bytes that may hold its hello, on the same thread.
+pub(super) fn noted_server_name() -> Option<Option<String>> {
+    SERVER_NAME.with_borrow_mut(Option::take)
 }
 
-impl Drop for TlsSession {
-    fn drop(&mut self) {
-        if let Some(stream) = self.stream.take() {
-            *self
-                .closing
-                .0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(stream);
-        }
-    }
-}
+/// A certificate resolver that notes the server name asked for, then asks the one it wraps.
+/// rustls asks it for every handshake, resumed ones included, on the thread running it.
+#[derive(Debug)]
+struct NoteServerName(Arc<dyn ResolvesServerCert>);
 
-impl AsyncRead for TlsSession {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let read = this.stream().poll_read(cx, buf);
-        this.eof_without_close_notify(read)
+impl ResolvesServerCert for NoteServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(str::to_string);
+        SERVER_NAME.with_borrow_mut(|noted| *noted = Some(name));
+        self.0.resolve(hello)
     }
 
-    fn poll_read_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &mut [io::IoSliceMut<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let read = this.stream().poll_read_vectored(cx, bufs);
-        this.eof_without_close_notify(read)
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
     }
-}
-
-impl AsyncWrite for TlsSession {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream().poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream().poll_close(cx)
-    }
-}
-
-/// Where a [`TlsSession`] leaves its stream when dropped, for the connection's task to end the
-/// session after the handler.
-#[derive(Clone, Default)]
-pub(crate) struct Closing(Arc<Mutex<Option<Box<ServerStream>>>>);
-
-impl Closing {
-    /// Sends what rustls still buffers, then close_notify, and shuts the socket's sending side,
-    /// within `timeout`: a client that reads nothing is not waited for longer. Nothing to do if
-    /// the handler did not drop its session (it handed it to another task) or closed it already.
-    pub(crate) async fn close(self, timeout: Duration, peer: &Peer) {
-        let stream = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some(mut stream) = stream else {
-            return;
-        };
-        if stream.get_ref().0.missing_close_notify {
-            debug!("{peer}: closed its socket without TLS close_notify, at a record's end: taken as its close");
-        }
-        // An error means the client left first or did not read: nothing more to do for it.
-        if let Err(e) = within(timeout, "not closed", stream.close()).await {
-            debug!("{peer}: TLS close: {e}");
-        }
-    }
-}
-
-/// A certificate's subject as people write it: `CN=alice, O=Example`.
-fn subject(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    Some(cert.subject().to_string())
 }
