@@ -40,8 +40,9 @@ const SOCKET_READ: usize = 64 * 1024;
 /// 64 KiB of.
 const MAX_HELD: usize = 96 * 1024;
 
-/// The most plaintext one write encrypts: four full records.
-const MAX_ENCRYPT: usize = 64 * 1024;
+/// The most plaintext one write encrypts: five full records, so that a reply made of a 64 KiB
+/// read and a few bytes more (`GOT:` and a chunk) is taken by one write.
+const MAX_ENCRYPT: usize = 80 * 1024;
 
 /// Room for [`MAX_ENCRYPT`] bytes encrypted: each record adds at most 29 bytes (a header, an
 /// explicit nonce with TLS 1.2, a tag).
@@ -213,6 +214,8 @@ struct Tls {
     /// The last read from the socket was short, so the socket is drained: wait for it to be
     /// readable rather than pay a read that would only say "would block".
     drained: bool,
+    /// rustls has processed every byte received and needs more to go on.
+    wants_bytes: bool,
     /// The client closed its sending side (a read returned 0).
     eof: bool,
     /// The client sent close_notify.
@@ -254,6 +257,7 @@ impl Session {
                 plaintext_read: 0,
                 server_name: None,
                 drained: false,
+                wants_bytes: false,
                 eof: false,
                 peer_closed: false,
                 close_notify_queued: false,
@@ -388,11 +392,16 @@ impl Tls {
         intent: &mut Intent<'_>,
     ) -> Poll<io::Result<Reached>> {
         loop {
-            let (used, reached) = self.process(&mut buf[..*len], intent)?;
-            buf.copy_within(used..*len, 0);
-            *len -= used;
-            if reached != Reached::NeedData {
-                return Poll::Ready(Ok(reached));
+            // Once rustls has said it needs more bytes, asking it again before they come would
+            // only get the same answer: a wait for data starts with the read.
+            if !self.wants_bytes {
+                let (used, reached) = self.process(&mut buf[..*len], intent)?;
+                buf.copy_within(used..*len, 0);
+                *len -= used;
+                if reached != Reached::NeedData {
+                    return Poll::Ready(Ok(reached));
+                }
+                self.wants_bytes = true;
             }
             // A handshake flight must be out before the client can answer it. If the socket
             // has no room, its writability wakes this task too.
@@ -411,6 +420,7 @@ impl Tls {
             let end = buf.len().min(*len + SOCKET_READ);
             let read = ready!(self.poll_recv(cx, &mut buf[*len..end]))?;
             *len += read;
+            self.wants_bytes = read == 0;
         }
     }
 
@@ -506,7 +516,15 @@ impl Tls {
                         used += record.discard;
                         deliver(&mut self.plaintext, record.payload, intent);
                     }
-                    None
+                    // A read that got its bytes and left none behind is done: asking rustls
+                    // again would only say it needs more.
+                    let rest = incoming.len() - used - discard;
+                    match intent {
+                        Intent::Read { filled, .. } if *filled > 0 && rest == 0 => {
+                            Some(Reached::Done)
+                        }
+                        _ => None,
+                    }
                 }
                 ConnectionState::EncodeTlsData(mut data) => {
                     append(&mut self.held_out, |out| {
