@@ -1,5 +1,5 @@
-//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable),
-//! the handshake and the close, stages of a connection's task around its handler, each with
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable;
+//! session resumption, kept across reloads), the handshake and the close, stages of a connection's task around its handler, each with
 //! its own deadline.
 
 use std::fmt;
@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use futures_rustls::pki_types::pem::PemObject;
 use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use futures_rustls::rustls::server::WebPkiClientVerifier;
+use futures_rustls::rustls::server::{
+    NoServerSessionStorage, ProducesTickets, ServerSessionMemoryCache, StoresServerSessions,
+    WebPkiClientVerifier,
+};
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
 use futures_rustls::TlsAcceptor;
 use log::debug;
@@ -49,6 +52,9 @@ struct Reloadable {
     /// Where the configuration comes from, read again on reload; `None` for a given one.
     files: Option<Files>,
     current: RwLock<Arc<ServerConfig>>,
+    /// The sessions `current` resumes, handed on to the configuration a reload makes (`None`
+    /// for a given one). A mutex, so that two reloads at once cannot each start their own.
+    resumption: Mutex<Option<Resumption>>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +63,55 @@ struct Files {
     key: PathBuf,
     client_ca: Option<PathBuf>,
     alpn: Vec<Vec<u8>>,
+    /// Sessions kept in memory for clients to resume; 0 keeps none.
+    session_cache: usize,
+    tickets: bool,
+}
+
+/// What lets a returning client skip the full handshake: the sessions kept in memory, and the
+/// key that seals tickets. A reload keeps them, so that clients resume across a new certificate.
+#[derive(Clone)]
+struct Resumption {
+    cache: Arc<dyn StoresServerSessions>,
+    /// `None` with tickets off: rustls's own default, which issues none, stays in place.
+    ticketer: Option<Arc<dyn ProducesTickets>>,
+    /// The client CAs its sessions' certificates were checked against: a session made under
+    /// other CAs must not resume, so a reload that reads others starts anew.
+    client_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Resumption {
+    fn new(files: &Files, client_roots: Vec<CertificateDer<'static>>) -> io::Result<Self> {
+        let cache: Arc<dyn StoresServerSessions> = match files.session_cache {
+            0 => Arc::new(NoServerSessionStorage {}),
+            sessions => ServerSessionMemoryCache::new(sessions),
+        };
+        // rustls's ticketer: a random key, replaced every 6 hours; a ticket opens for 12.
+        let ticketer = match files.tickets {
+            true => Some(
+                rustls::crypto::ring::Ticketer::new()
+                    .map_err(|e| io::Error::other(format!("cannot make a ticket key: {e}")))?,
+            ),
+            false => None,
+        };
+        Ok(Resumption {
+            cache,
+            ticketer,
+            client_roots,
+        })
+    }
+
+    /// This one, for a configuration whose client CAs are `client_roots`, or a new one.
+    fn renewed(
+        previous: Option<Self>,
+        files: &Files,
+        client_roots: Vec<CertificateDer<'static>>,
+    ) -> io::Result<Self> {
+        match previous {
+            Some(previous) if previous.client_roots == client_roots => Ok(previous),
+            _ => Self::new(files, client_roots),
+        }
+    }
 }
 
 impl fmt::Debug for TlsConfig {
@@ -82,6 +137,8 @@ impl TlsConfig {
             key: key.as_ref().to_path_buf(),
             client_ca: None,
             alpn: Vec::new(),
+            session_cache: Self::DEFAULT_SESSION_CACHE,
+            tickets: true,
         })
     }
 
@@ -91,6 +148,7 @@ impl TlsConfig {
         TlsConfig(Arc::new(Reloadable {
             files: None,
             current: RwLock::new(config),
+            resumption: Mutex::new(None),
         }))
     }
 
@@ -120,9 +178,88 @@ impl TlsConfig {
         Self::from_files(files)
     }
 
+    /// [`TlsConfig::with_session_cache`] unless told otherwise: as many sessions as the server
+    /// holds connections by default ([`Builder::max_connections`][max]), a few MiB when full.
+    ///
+    /// [max]: crate::Builder::max_connections
+    pub const DEFAULT_SESSION_CACHE: usize = 10_000;
+
+    /// Keeps up to `sessions` TLS sessions in this process's memory (by default
+    /// [`DEFAULT_SESSION_CACHE`](Self::DEFAULT_SESSION_CACHE)), so that a client that comes back
+    /// resumes its session, an abbreviated handshake, instead of a full one; the oldest goes
+    /// when it is full. 0 keeps none. With tickets on ([`TlsConfig::with_session_tickets`]) only
+    /// TLS 1.2 clients that do not take tickets need it; with tickets off, TLS 1.3 clients use it
+    /// too, two sessions for each full handshake. A reload keeps the sessions
+    /// ([`TlsConfig::reload`]); another process, or a restart, does not have them.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Many TLS 1.2 clients without tickets: keep more of their sessions.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_cache(100_000)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_cache(self, sessions: usize) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.session_cache = sessions;
+        Self::from_files(files)
+    }
+
+    /// Whether the server gives clients session tickets (on by default): the session, sealed
+    /// with a key only this process has, for the client to hold and show when it comes back,
+    /// so that resuming takes no memory on the server and no client is forgotten for lack of
+    /// room. The key is random, replaced every 6 hours, and a ticket opens for 12: after that,
+    /// a key stolen from the server's memory opens no ticket recorded earlier.
+    ///
+    /// What a ticket key opens differs with the protocol version. TLS 1.3 resumes with a new
+    /// key exchange (rustls offers no other mode), so a stolen key decrypts no traffic, recorded
+    /// or not; it lets its thief pass for the server to clients that resume, for as long as
+    /// their tickets open. A TLS 1.2 ticket holds the session's master secret and travels in
+    /// the clear: with the key, recorded TLS 1.2 sessions of the past 12 hours decrypt. (A TLS
+    /// 1.2 session in the cache holds the same secret, in memory only, until pushed out.) Off,
+    /// TLS 1.3 clients resume from the cache, and TLS 1.2 clients by session ID, as without
+    /// tickets.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Resume from this process's memory only.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_tickets(false)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_tickets(self, tickets: bool) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.tickets = tickets;
+        Self::from_files(files)
+    }
+
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
-    /// and open connections keep theirs. Nothing to do for a configuration given as a
-    /// [`ServerConfig`][ServerConfig].
+    /// and open connections keep theirs. Clients still resume the sessions they had, unless the
+    /// client CA certificates changed: a session whose client certificate was checked against
+    /// other CAs must not skip the new check, so then every session is dropped. Nothing to do
+    /// for a configuration given as a [`ServerConfig`][ServerConfig].
     ///
     /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
@@ -133,20 +270,27 @@ impl TlsConfig {
         let Some(files) = &self.0.files else {
             return Ok(());
         };
-        let config = load(files)?;
+        let mut resumption = self
+            .0
+            .resumption
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (config, renewed) = load(files, resumption.clone())?;
         *self
             .0
             .current
             .write()
             .unwrap_or_else(PoisonError::into_inner) = config;
+        *resumption = Some(renewed);
         Ok(())
     }
 
     fn from_files(files: Files) -> io::Result<Self> {
-        let config = load(&files)?;
+        let (config, resumption) = load(&files, None)?;
         Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
             current: RwLock::new(config),
+            resumption: Mutex::new(Some(resumption)),
         })))
     }
 
@@ -169,11 +313,20 @@ impl TlsConfig {
     }
 }
 
-fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
+/// Reads `files` into a configuration that resumes the sessions of `previous` if it may (see
+/// [`Resumption::renewed`]), and returns the sessions it resumes.
+fn load(
+    files: &Files,
+    previous: Option<Resumption>,
+) -> io::Result<(Arc<ServerConfig>, Resumption)> {
     let certs = read_certs(&files.cert, Wanted::Certificates)?;
     let key = read_pem_file(&files.key)
         .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
         .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
+    let client_roots = match &files.client_ca {
+        Some(ca) => read_certs(ca, Wanted::CaCertificates)?,
+        None => Vec::new(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -182,7 +335,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca, Wanted::CaCertificates)? {
+            for cert in client_roots.iter().cloned() {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -200,7 +353,12 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         .with_single_cert(certs, key)
         .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
-    Ok(Arc::new(config))
+    let resumption = Resumption::renewed(previous, files, client_roots)?;
+    config.session_storage = Arc::clone(&resumption.cache);
+    if let Some(ticketer) = &resumption.ticketer {
+        config.ticketer = Arc::clone(ticketer);
+    }
+    Ok((Arc::new(config), resumption))
 }
 
 fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
