@@ -24,6 +24,8 @@ pub(crate) mod tls;
 mod tls_errors;
 #[cfg(feature = "tls")]
 mod tls_records;
+#[cfg(feature = "tls")]
+mod tls_resumption;
 #[cfg(unix)]
 mod unix;
 

@@ -1,6 +1,6 @@
 //! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable;
-//! session resumption, kept across reloads), the handshake and the close, stages of a connection's task around its handler, each with
-//! its own deadline.
+//! session resumption, in `tls_resumption`), the handshake and the close, stages of a
+//! connection's task around its handler, each with its own deadline.
 
 use std::fmt;
 use std::io;
@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use futures_rustls::pki_types::pem::PemObject;
 use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use futures_rustls::rustls::server::{
-    NoServerSessionStorage, ProducesTickets, ServerSessionMemoryCache, StoresServerSessions,
-    WebPkiClientVerifier,
-};
+use futures_rustls::rustls::server::WebPkiClientVerifier;
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
 use futures_rustls::TlsAcceptor;
 use log::debug;
@@ -23,6 +20,7 @@ use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
 use super::tls_records::RecordTracker;
+use super::tls_resumption::Resumption;
 use crate::deadline::within;
 use crate::info::{ConnectionInfo, TlsInfo, Transport};
 use crate::logging::Peer;
@@ -58,60 +56,14 @@ struct Reloadable {
 }
 
 #[derive(Debug, Clone)]
-struct Files {
+pub(super) struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
     alpn: Vec<Vec<u8>>,
     /// Sessions kept in memory for clients to resume; 0 keeps none.
-    session_cache: usize,
-    tickets: bool,
-}
-
-/// What lets a returning client skip the full handshake: the sessions kept in memory, and the
-/// key that seals tickets. A reload keeps them, so that clients resume across a new certificate.
-#[derive(Clone)]
-struct Resumption {
-    cache: Arc<dyn StoresServerSessions>,
-    /// `None` with tickets off: rustls's own default, which issues none, stays in place.
-    ticketer: Option<Arc<dyn ProducesTickets>>,
-    /// The client CAs its sessions' certificates were checked against: a session made under
-    /// other CAs must not resume, so a reload that reads others starts anew.
-    client_roots: Vec<CertificateDer<'static>>,
-}
-
-impl Resumption {
-    fn new(files: &Files, client_roots: Vec<CertificateDer<'static>>) -> io::Result<Self> {
-        let cache: Arc<dyn StoresServerSessions> = match files.session_cache {
-            0 => Arc::new(NoServerSessionStorage {}),
-            sessions => ServerSessionMemoryCache::new(sessions),
-        };
-        // rustls's ticketer: a random key, replaced every 6 hours; a ticket opens for 12.
-        let ticketer = match files.tickets {
-            true => Some(
-                rustls::crypto::ring::Ticketer::new()
-                    .map_err(|e| io::Error::other(format!("cannot make a ticket key: {e}")))?,
-            ),
-            false => None,
-        };
-        Ok(Resumption {
-            cache,
-            ticketer,
-            client_roots,
-        })
-    }
-
-    /// This one, for a configuration whose client CAs are `client_roots`, or a new one.
-    fn renewed(
-        previous: Option<Self>,
-        files: &Files,
-        client_roots: Vec<CertificateDer<'static>>,
-    ) -> io::Result<Self> {
-        match previous {
-            Some(previous) if previous.client_roots == client_roots => Ok(previous),
-            _ => Self::new(files, client_roots),
-        }
-    }
+    pub(super) session_cache: usize,
+    pub(super) tickets: bool,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -178,83 +130,6 @@ impl TlsConfig {
         Self::from_files(files)
     }
 
-    /// [`TlsConfig::with_session_cache`] unless told otherwise: as many sessions as the server
-    /// holds connections by default ([`Builder::max_connections`][max]), a few MiB when full.
-    ///
-    /// [max]: crate::Builder::max_connections
-    pub const DEFAULT_SESSION_CACHE: usize = 10_000;
-
-    /// Keeps up to `sessions` TLS sessions in this process's memory (by default
-    /// [`DEFAULT_SESSION_CACHE`](Self::DEFAULT_SESSION_CACHE)), so that a client that comes back
-    /// resumes its session, an abbreviated handshake, instead of a full one; the oldest goes
-    /// when it is full. 0 keeps none. With tickets on ([`TlsConfig::with_session_tickets`]) only
-    /// TLS 1.2 clients that do not take tickets need it; with tickets off, TLS 1.3 clients use it
-    /// too, two sessions for each full handshake. A reload keeps the sessions
-    /// ([`TlsConfig::reload`]); another process, or a restart, does not have them.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
-    /// # std::fs::create_dir_all(&dir)?;
-    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    /// # std::fs::write(&cert, made.cert.pem())?;
-    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
-    /// // Many TLS 1.2 clients without tickets: keep more of their sessions.
-    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_cache(100_000)?;
-    /// # std::fs::remove_dir_all(&dir)?;
-    /// # std::io::Result::Ok(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// As [`TlsConfig::with_client_ca_file`].
-    pub fn with_session_cache(self, sessions: usize) -> io::Result<Self> {
-        let mut files = self.files()?;
-        files.session_cache = sessions;
-        Self::from_files(files)
-    }
-
-    /// Whether the server gives clients session tickets (on by default): the session, sealed
-    /// with a key only this process has, for the client to hold and show when it comes back,
-    /// so that resuming takes no memory on the server and no client is forgotten for lack of
-    /// room. The key is random, replaced every 6 hours, and a ticket opens for 12: after that,
-    /// a key stolen from the server's memory opens no ticket recorded earlier.
-    ///
-    /// What a ticket key opens differs with the protocol version. TLS 1.3 resumes with a new
-    /// key exchange (rustls offers no other mode), so a stolen key decrypts no traffic, recorded
-    /// or not; it lets its thief pass for the server to clients that resume, for as long as
-    /// their tickets open. A TLS 1.2 ticket holds the session's master secret and travels in
-    /// the clear: with the key, recorded TLS 1.2 sessions of the past 12 hours decrypt. (A TLS
-    /// 1.2 session in the cache holds the same secret, in memory only, until pushed out.) Off,
-    /// TLS 1.3 clients resume from the cache, and TLS 1.2 clients by session ID, as without
-    /// tickets.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
-    /// # std::fs::create_dir_all(&dir)?;
-    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    /// # std::fs::write(&cert, made.cert.pem())?;
-    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
-    /// // Resume from this process's memory only.
-    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_tickets(false)?;
-    /// # std::fs::remove_dir_all(&dir)?;
-    /// # std::io::Result::Ok(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// As [`TlsConfig::with_client_ca_file`].
-    pub fn with_session_tickets(self, tickets: bool) -> io::Result<Self> {
-        let mut files = self.files()?;
-        files.tickets = tickets;
-        Self::from_files(files)
-    }
-
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
     /// and open connections keep theirs. Clients still resume the sessions they had, unless the
     /// client CA certificates changed: a session whose client certificate was checked against
@@ -285,7 +160,7 @@ impl TlsConfig {
         Ok(())
     }
 
-    fn from_files(files: Files) -> io::Result<Self> {
+    pub(super) fn from_files(files: Files) -> io::Result<Self> {
         let (config, resumption) = load(&files, None)?;
         Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
@@ -294,7 +169,7 @@ impl TlsConfig {
         })))
     }
 
-    fn files(&self) -> io::Result<Files> {
+    pub(super) fn files(&self) -> io::Result<Files> {
         self.0.files.clone().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -353,11 +228,9 @@ fn load(
         .with_single_cert(certs, key)
         .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
-    let resumption = Resumption::renewed(previous, files, client_roots)?;
-    config.session_storage = Arc::clone(&resumption.cache);
-    if let Some(ticketer) = &resumption.ticketer {
-        config.ticketer = Arc::clone(ticketer);
-    }
+    let resumption =
+        Resumption::renewed(previous, files.session_cache, files.tickets, client_roots)?;
+    resumption.apply(&mut config);
     Ok((Arc::new(config), resumption))
 }
 
