@@ -34,6 +34,19 @@ fn visit(addr: SocketAddr, config: &Arc<ClientConfig>) -> HandshakeKind {
     stream.conn.handshake_kind().expect("the handshake is done")
 }
 
+/// [`visit`]s `times` times, each handshake of `kind`.
+fn expect_visits(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    times: usize,
+    kind: HandshakeKind,
+    what: &str,
+) {
+    for n in 1..=times {
+        assert_eq!(visit(addr, config), kind, "{what}, visit {n}");
+    }
+}
+
 #[test]
 fn a_returning_client_resumes_with_a_ticket_or_from_the_cache() {
     let files = TlsFiles::new();
@@ -58,14 +71,8 @@ fn a_returning_client_resumes_with_a_ticket_or_from_the_cache() {
                 HandshakeKind::Full,
                 "{setting}, {version}"
             );
-            for n in 1..=3 {
-                let kind = visit(addr, &config);
-                assert_eq!(
-                    kind,
-                    HandshakeKind::Resumed,
-                    "{setting}, {version}, visit {n}"
-                );
-            }
+            let what = format!("{setting}, {version}");
+            expect_visits(addr, &config, 3, HandshakeKind::Resumed, &what);
         }
     }
 }
@@ -89,14 +96,14 @@ fn a_session_another_server_cannot_resume_falls_back_to_a_full_handshake() {
         assert_eq!(kind, HandshakeKind::Resumed, "{version}: it has a session");
         let kind = visit(second.local_addr().unwrap(), &config);
         assert_eq!(kind, HandshakeKind::Full, "{version}: another server");
-        for n in 1..=2 {
-            let kind = visit(nothing.local_addr().unwrap(), &config);
-            assert_eq!(
-                kind,
-                HandshakeKind::Full,
-                "{version}: no cache, no tickets, {n}"
-            );
-        }
+        let what = format!("{version}: no cache, no tickets");
+        expect_visits(
+            nothing.local_addr().unwrap(),
+            &config,
+            2,
+            HandshakeKind::Full,
+            &what,
+        );
     }
 }
 
