@@ -156,8 +156,13 @@ fn bad_session_flags_are_usage_errors() {
     let files = TlsFiles::new();
     let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
     let tls = ["--tls-cert", cert, "--tls-key", key];
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--tls-tickets", "yes"], "\"yes\": expected on or off"),
+        // Room for these would be set aside at once: more than any machine has.
+        (
+            &["--tls-session-cache", "1000000000000"],
+            "the most is 1000000",
+        ),
         (&["--tls-session-cache", "-1"], "--tls-session-cache"),
         (&["--tls-session-cache", "many"], "--tls-session-cache"),
         (&["--tls-tickets", "off"], "need --tls-cert and --tls-key"),

@@ -19,6 +19,10 @@ impl TlsConfig {
     /// [max]: crate::Builder::max_connections
     pub const DEFAULT_SESSION_CACHE: usize = 10_000;
 
+    /// The most [`TlsConfig::with_session_cache`] takes: about 400 MiB of sessions when full,
+    /// and rustls sets room for all of them aside at once.
+    pub const MAX_SESSION_CACHE: usize = 1_000_000;
+
     /// Keeps up to `sessions` TLS sessions in this process's memory (by default
     /// [`DEFAULT_SESSION_CACHE`](Self::DEFAULT_SESSION_CACHE); 0 keeps none), so that a client
     /// that comes back resumes its session, an abbreviated handshake; the oldest goes when it
@@ -43,8 +47,19 @@ impl TlsConfig {
     ///
     /// # Errors
     ///
-    /// As [`TlsConfig::with_client_ca_file`].
+    /// [`io::ErrorKind::InvalidInput`] for more than [`MAX_SESSION_CACHE`](Self::MAX_SESSION_CACHE)
+    /// sessions; otherwise as [`TlsConfig::with_client_ca_file`].
     pub fn with_session_cache(self, sessions: usize) -> io::Result<Self> {
+        if sessions > Self::MAX_SESSION_CACHE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a TLS session cache of {sessions} sessions: the most is {} (about 400 MiB \
+                     when full)",
+                    Self::MAX_SESSION_CACHE
+                ),
+            ));
+        }
         let mut files = self.files()?;
         files.session_cache = sessions;
         Self::from_files(files)

@@ -64,8 +64,8 @@ pub struct Args {
     pub tls_client_ca: Option<PathBuf>,
 
     /// TLS sessions kept in memory for returning clients to resume (an abbreviated handshake),
-    /// 0 for none; with tickets on, only TLS 1.2 clients that take no tickets need them
-    /// (default 10000, a few MiB)
+    /// 0 for none, at most 1000000; with tickets on, only TLS 1.2 clients that take no tickets
+    /// need them (default 10000, about 4 MiB when full)
     #[argh(option)]
     pub tls_session_cache: Option<usize>,
 
