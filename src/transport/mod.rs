@@ -26,6 +26,8 @@ mod tls_errors;
 pub(crate) mod tls_session;
 #[cfg(not(feature = "tls"))]
 pub(crate) use tls as tls_session;
+#[cfg(feature = "tls")]
+mod tls_resumption;
 #[cfg(unix)]
 mod unix;
 

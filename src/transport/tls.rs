@@ -1,11 +1,11 @@
-//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable).
-//! The sessions it starts are in `tls_session`.
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable;
+//! session resumption, in `tls_resumption`). The sessions it starts are in `tls_session`.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use futures_rustls::pki_types::pem::PemObject;
 use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -14,6 +14,7 @@ use futures_rustls::rustls::sign::CertifiedKey;
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
+use super::tls_resumption::Resumption;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
 /// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
@@ -40,14 +41,20 @@ struct Reloadable {
     /// Where the configuration comes from, read again on reload; `None` for a given one.
     files: Option<Files>,
     current: RwLock<Arc<ServerConfig>>,
+    /// The sessions `current` resumes, handed on to the configuration a reload makes (`None`
+    /// for a given one). A mutex, so that two reloads at once cannot each start their own.
+    resumption: Mutex<Option<Resumption>>,
 }
 
 #[derive(Debug, Clone)]
-struct Files {
+pub(super) struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
     alpn: Vec<Vec<u8>>,
+    /// Sessions kept in memory for clients to resume; 0 keeps none.
+    pub(super) session_cache: usize,
+    pub(super) tickets: bool,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -73,6 +80,8 @@ impl TlsConfig {
             key: key.as_ref().to_path_buf(),
             client_ca: None,
             alpn: Vec::new(),
+            session_cache: Self::DEFAULT_SESSION_CACHE,
+            tickets: true,
         })
     }
 
@@ -82,6 +91,7 @@ impl TlsConfig {
         TlsConfig(Arc::new(Reloadable {
             files: None,
             current: RwLock::new(noting_server_names(config)),
+            resumption: Mutex::new(None),
         }))
     }
 
@@ -112,8 +122,10 @@ impl TlsConfig {
     }
 
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
-    /// and open connections keep theirs. Nothing to do for a configuration given as a
-    /// [`ServerConfig`][ServerConfig].
+    /// and open connections keep theirs. Clients still resume the sessions they had, unless the
+    /// client CA certificates changed: a session whose client certificate was checked against
+    /// other CAs must not skip the new check, so then every session is dropped. Nothing to do
+    /// for a configuration given as a [`ServerConfig`][ServerConfig].
     ///
     /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
@@ -124,24 +136,31 @@ impl TlsConfig {
         let Some(files) = &self.0.files else {
             return Ok(());
         };
-        let config = load(files)?;
+        let mut resumption = self
+            .0
+            .resumption
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (config, renewed) = load(files, resumption.clone())?;
         *self
             .0
             .current
             .write()
             .unwrap_or_else(PoisonError::into_inner) = noting_server_names(config);
+        *resumption = Some(renewed);
         Ok(())
     }
 
-    fn from_files(files: Files) -> io::Result<Self> {
-        let config = load(&files)?;
+    pub(super) fn from_files(files: Files) -> io::Result<Self> {
+        let (config, resumption) = load(&files, None)?;
         Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
             current: RwLock::new(noting_server_names(config)),
+            resumption: Mutex::new(Some(resumption)),
         })))
     }
 
-    fn files(&self) -> io::Result<Files> {
+    pub(super) fn files(&self) -> io::Result<Files> {
         self.0.files.clone().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -160,11 +179,107 @@ impl TlsConfig {
     }
 }
 
-fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
+impl TlsConfig {
+    /// [`TlsConfig::with_session_cache`] unless told otherwise: as many sessions as the server
+    /// holds connections by default ([`Builder::max_connections`][max]), a few MiB when full.
+    ///
+    /// [max]: crate::Builder::max_connections
+    pub const DEFAULT_SESSION_CACHE: usize = 10_000;
+
+    /// The most [`TlsConfig::with_session_cache`] takes: about 400 MiB of sessions when full,
+    /// and rustls sets room for all of them aside at once.
+    pub const MAX_SESSION_CACHE: usize = 1_000_000;
+
+    /// Keeps up to `sessions` TLS sessions in this process's memory (by default
+    /// [`DEFAULT_SESSION_CACHE`](Self::DEFAULT_SESSION_CACHE); 0 keeps none), so that a client
+    /// that comes back resumes its session, an abbreviated handshake; the oldest goes when it
+    /// is full. With tickets on ([`TlsConfig::with_session_tickets`]) only TLS 1.2 clients that
+    /// take no tickets need it; with tickets off, TLS 1.3 clients too, two sessions for each
+    /// full handshake. A reload keeps them ([`TlsConfig::reload`]); another process does not.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Many TLS 1.2 clients without tickets: keep more of their sessions.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_cache(100_000)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for more than [`MAX_SESSION_CACHE`](Self::MAX_SESSION_CACHE)
+    /// sessions; otherwise as [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_cache(self, sessions: usize) -> io::Result<Self> {
+        if sessions > Self::MAX_SESSION_CACHE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a TLS session cache of {sessions} sessions: the most is {} (about 400 MiB \
+                     when full)",
+                    Self::MAX_SESSION_CACHE
+                ),
+            ));
+        }
+        let mut files = self.files()?;
+        files.session_cache = sessions;
+        Self::from_files(files)
+    }
+
+    /// Whether the server gives clients session tickets (on by default): the session, sealed
+    /// with a key only this process has, for the client to show when it comes back, so that
+    /// resuming takes no memory and no client is forgotten for lack of room. The key is random,
+    /// replaced every 6 hours, and a ticket opens for 12. TLS 1.3 resumes with a new key
+    /// exchange, so a stolen key decrypts no traffic (its thief could pass for the server to
+    /// resuming clients); a TLS 1.2 ticket holds the master secret and travels in the clear,
+    /// so a stolen key decrypts the TLS 1.2 sessions of its 12 hours. Off, clients resume from
+    /// the cache. docs/operations.md ("Session resumption") weighs the choices.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Resume from this process's memory only.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_tickets(false)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_tickets(self, tickets: bool) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.tickets = tickets;
+        Self::from_files(files)
+    }
+}
+
+/// Reads `files` into a configuration that resumes the sessions of `previous` if it may (see
+/// [`Resumption::renewed`]), and returns the sessions it resumes.
+fn load(
+    files: &Files,
+    previous: Option<Resumption>,
+) -> io::Result<(Arc<ServerConfig>, Resumption)> {
     let certs = read_certs(&files.cert, Wanted::Certificates)?;
     let key = read_pem_file(&files.key)
         .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
         .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
+    let client_roots = match &files.client_ca {
+        Some(ca) => read_certs(ca, Wanted::CaCertificates)?,
+        None => Vec::new(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -173,7 +288,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca, Wanted::CaCertificates)? {
+            for cert in client_roots.iter().cloned() {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -191,7 +306,10 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         .with_single_cert(certs, key)
         .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
-    Ok(Arc::new(config))
+    let resumption =
+        Resumption::renewed(previous, files.session_cache, files.tickets, client_roots)?;
+    resumption.apply(&mut config);
+    Ok((Arc::new(config), resumption))
 }
 
 fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
