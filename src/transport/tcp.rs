@@ -98,3 +98,32 @@ pub(super) fn set_up(stream: &TcpStream, peer: SocketAddr, keepalive: Option<&Ke
 pub(super) fn clamp_backlog(backlog: u32) -> i32 {
     backlog.min(i32::MAX as u32) as i32
 }
+
+/// One recv(2) on a non-blocking socket, whose readiness the caller waits for: for reads into
+/// a worker thread's buffer, which cannot be lent to a future that may wait.
+#[cfg(unix)]
+pub(crate) fn recv(socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(rustix::net::recv(socket, buf, rustix::net::RecvFlags::empty())?.0)
+}
+
+/// One send(2) on a non-blocking socket.
+#[cfg(unix)]
+pub(crate) fn send(socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // NOSIGNAL: a client gone away is an EPIPE error here, not a SIGPIPE for the process (std
+    // ignores SIGPIPE in binaries, but a library cannot count on its host doing so).
+    Ok(rustix::net::send(
+        socket,
+        buf,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn recv(mut socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    io::Read::read(&mut socket, buf)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn send(mut socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    io::Write::write(&mut socket, buf)
+}
