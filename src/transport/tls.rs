@@ -97,7 +97,7 @@ impl TlsConfig {
 
     /// Asks every client for a certificate signed by a CA in `ca` (PEM) and refuses, in the
     /// handshake, those without one. The handler sees the certificate's subject in
-    /// [`TlsInfo::client_subject`].
+    /// [`TlsInfo::client_subject`](crate::TlsInfo::client_subject).
     ///
     /// # Errors
     ///
@@ -110,7 +110,7 @@ impl TlsConfig {
     }
 
     /// The application protocols offered with ALPN, most preferred first (`b"h2"`,
-    /// `b"http/1.1"`...); the one negotiated is in [`TlsInfo::alpn_protocol`].
+    /// `b"http/1.1"`...); the one negotiated is in [`TlsInfo::alpn_protocol`](crate::TlsInfo::alpn_protocol).
     ///
     /// # Errors
     ///
