@@ -153,7 +153,7 @@ pub use smol::io;
 ///
 /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
 #[cfg(feature = "tls")]
-pub use futures_rustls::rustls;
+pub use rustls;
 
 /// The Rust examples of the README and of the pages in docs/, compiled and run by `cargo test`
 /// so that they stay true.

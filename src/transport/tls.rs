@@ -7,11 +7,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use futures_rustls::pki_types::pem::PemObject;
-use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use futures_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use futures_rustls::rustls::sign::CertifiedKey;
-use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{self, RootCertStore, ServerConfig};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
 use super::tls_resumption::Resumption;

@@ -5,8 +5,7 @@
 use std::io;
 use std::path::Path;
 
-use futures_rustls::pki_types::pem::PemObject;
-use futures_rustls::rustls;
+use rustls::pki_types::pem::PemObject;
 
 /// What a PEM file was given for, which its error message names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

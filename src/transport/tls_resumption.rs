@@ -4,11 +4,11 @@
 use std::io;
 use std::sync::Arc;
 
-use futures_rustls::pki_types::CertificateDer;
-use futures_rustls::rustls::server::{
+use rustls::pki_types::CertificateDer;
+use rustls::server::{
     NoServerSessionStorage, ProducesTickets, ServerSessionMemoryCache, StoresServerSessions,
 };
-use futures_rustls::rustls::{self, ServerConfig};
+use rustls::{self, ServerConfig};
 
 /// What lets a returning client skip the full handshake: the sessions kept in memory, and the
 /// key that seals tickets. A reload keeps them, so that clients resume across a new certificate.

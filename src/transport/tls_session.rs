@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use futures_rustls::pki_types::CertificateDer;
-use futures_rustls::rustls::server::UnbufferedServerConnection;
-use futures_rustls::rustls::unbuffered::{
+use rustls::pki_types::CertificateDer;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, UnbufferedStatus,
 };
 use log::debug;
