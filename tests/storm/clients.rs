@@ -214,12 +214,13 @@ impl StormChildren {
         }
     }
 
-    /// Waits for every child's report ([`ATTEMPT_LIMIT`] bounds each attempt, [`PATIENCE`] the
-    /// wait) and adds them up.
+    /// Waits for every child's report (each attempt ends within [`ATTEMPT_LIMIT`]) and adds
+    /// them up.
     pub fn reports(&mut self) -> Storm {
         let mut storm = Storm::default();
         for (_, _, stdout) in &mut self.children {
-            storm.add_line(&stdout.find(|line| line.contains(REPORT)));
+            let report = stdout.find_within(ATTEMPT_LIMIT + PATIENCE, |line| line.contains(REPORT));
+            storm.add_line(&report);
         }
         storm
     }
