@@ -19,6 +19,7 @@
 mod clients;
 #[path = "../common/mod.rs"]
 mod common;
+mod fairness;
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
