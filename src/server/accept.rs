@@ -32,6 +32,12 @@ pub(crate) struct Accepting<H> {
     pub(crate) max_connections: usize,
 }
 
+/// Clients the accept loop takes in a row before it lets the other tasks of its worker thread
+/// run. While clients wait in the listen queue, `accept` never waits, and the loop would hold
+/// its worker until the queue is empty (up to the backlog, 4,096 clients): with one worker,
+/// every connected client waited for all of them (`tests/storm/fairness.rs`).
+const ACCEPTS_PER_TURN: u32 = 64;
+
 /// Accepts clients from `listener` and spawns a task for each, until `closing` completes; then
 /// serves the clients already queued and closes the listener. Never returns on an accept error:
 /// errors that concern one client are skipped, and the others (out of file descriptors, say)
@@ -46,6 +52,7 @@ pub(crate) async fn accept_loop<H: Handler>(
     let mut refusals = RateLimit::default();
     let mut failures = RateLimit::default();
     let mut closing = std::pin::pin!(closing);
+    let mut in_this_turn = 0;
     loop {
         // `closing` first: under a steady stream of clients `accept` is always ready, and would
         // otherwise keep the stop from being seen.
@@ -87,6 +94,11 @@ pub(crate) async fn accept_loop<H: Handler>(
                     );
                 }
                 serve_accepted(&listener, &accepting, accepted, &mut refusals);
+                in_this_turn += 1;
+                if in_this_turn == ACCEPTS_PER_TURN {
+                    in_this_turn = 0;
+                    smol::future::yield_now().await;
+                }
             }
             Err(e) if concerns_one_client(&e) => debug!("accept: {e}"),
             Err(e) => {

@@ -451,7 +451,13 @@ impl Lines {
     /// The first line from here on for which `wanted` is true; panics if none comes within
     /// [`PATIENCE`] or the pipe closes first.
     pub fn find(&mut self, wanted: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        self.find_within(PATIENCE, wanted)
+    }
+
+    /// As [`Lines::find`], waiting up to `limit`: for a line that comes after a step with a
+    /// bound of its own, longer than [`PATIENCE`].
+    pub fn find_within(&mut self, limit: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.get_mut().unwrap().recv_timeout(left) {
@@ -462,7 +468,7 @@ impl Lines {
                     }
                 }
                 Err(e) => panic!(
-                    "no such line on {} ({e:?} after {PATIENCE:?}); its lines: {:?}",
+                    "no such line on {} ({e:?} after {limit:?}); its lines: {:?}",
                     self.what, self.taken
                 ),
             }
