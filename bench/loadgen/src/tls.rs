@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -23,7 +23,9 @@ use tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms;
 use tokio_rustls::rustls::crypto::{ring, verify_tls12_signature, verify_tls13_signature};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio_rustls::rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_rustls::rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_rustls::TlsConnector;
 
 /// How the client checks the server's certificate.
@@ -107,6 +109,18 @@ impl Tls {
         Ok(Stream::Tls(Box::new(s)))
     }
 
+    /// The first bytes a client sends in a handshake (its ClientHello), for clients that
+    /// stop or reset in the middle of one.
+    pub fn client_hello(&self) -> Vec<u8> {
+        let config = self.connector.config().clone();
+        let mut conn = ClientConnection::new(config, self.name.clone()).expect("a client session");
+        let mut hello = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut hello).expect("writing to a Vec");
+        }
+        hello
+    }
+
     /// For the report: how the server was checked and what the first handshake settled.
     pub fn json(&self) -> Value {
         let mut v = self.settled.get().cloned().unwrap_or_else(|| json!({}));
@@ -119,11 +133,13 @@ impl Tls {
     }
 }
 
-/// A connection as every mode uses it: plain TCP, or TLS over TCP. Write, then
-/// flush: rustls may keep what the socket did not take until the next write.
+/// A connection as every mode uses it: plain TCP, TLS over TCP, or (soak) a Unix
+/// socket. Write, then flush: rustls may keep what the socket did not take until the
+/// next write.
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl AsyncRead for Stream {
@@ -135,6 +151,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -148,6 +165,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -155,6 +173,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -163,6 +182,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
