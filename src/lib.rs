@@ -161,4 +161,6 @@ mod documentation_examples {
     struct Performance;
     #[doc = include_str!("../docs/how-it-works.md")]
     struct HowItWorks;
+    #[doc = include_str!("../docs/reliability.md")]
+    struct Reliability;
 }

@@ -2,9 +2,9 @@
 //! - bytes: every payload byte a well-behaved client sent came back as it was sent, and no
 //!   well-behaved session failed;
 //! - faults: each misbehaving client met the outcome the server promises (closed in time);
-//! - counts: the server has no connection open, its counts add up (accepted = refused + open
-//!   + closed, by reason), it accepted exactly the connections the clients made, no scrape
-//!   failed and no counter went down;
+//! - counts: the server has no connection open, its counts add up (accepted equals refused
+//!   plus open plus closed, by reason), it accepted exactly the connections the clients made,
+//!   no scrape failed and no counter went down;
 //! - resources: the server's RSS and open descriptors are within 5 % of their level after the
 //!   warm-up (the first sample after 15 % of the run, and at least 10 s in, when memory has
 //!   grown to what the load needs), its descriptors back to their level before the load, and

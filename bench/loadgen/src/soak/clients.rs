@@ -77,11 +77,21 @@ async fn sessions(soak: Arc<Soak>, listener: Listener, task: usize, kind: Kind) 
                 Failure::Reset(e) => Failure::Reset(format!("{listener:?} from {from}: {e}")),
                 f => f,
             };
-            soak.tally.errors.lock().unwrap().add(f);
+            record(&soak, f);
             // A server that fails every client is not hammered in a tight loop.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Counts a failed session, and prints the first few as they happen, to find the server's side
+/// in its log.
+fn record(soak: &Soak, f: Failure) {
+    let mut errors = soak.tally.errors.lock().unwrap();
+    if errors.total() < 20 {
+        eprintln!("soak: a well-behaved session failed: {f:?}");
+    }
+    errors.add(f);
 }
 
 /// Up to 200 round trips of 1 byte to 16 KiB, each message at its own offset of the

@@ -63,7 +63,14 @@ const TASKS: [(Fault, usize); 8] = [
 pub struct Tally(BTreeMap<String, (u64, u64, Option<String>)>);
 
 impl Tally {
+    /// Counts an attempt; prints the first few unexpected outcomes as they happen too, to find
+    /// the server's side in its log.
     fn add(&mut self, fault: Fault, outcome: Result<(), String>) {
+        if let Err(e) = &outcome {
+            if self.unexpected() < 20 {
+                eprintln!("soak: {fault:?}: {e}");
+            }
+        }
         let entry = self.0.entry(format!("{fault:?}")).or_default();
         entry.0 += 1;
         if let Err(e) = outcome {
