@@ -5,10 +5,10 @@
 //! - counts: the server has no connection open, its counts add up (accepted equals refused
 //!   plus open plus closed, by reason), it accepted exactly the connections the clients made,
 //!   no scrape failed and no counter went down;
-//! - resources: the server's RSS and open descriptors are within 5 % of their level after the
-//!   warm-up (the first sample after 15 % of the run, and at least 10 s in, when memory has
-//!   grown to what the load needs), its descriptors back to their level before the load, and
-//!   its threads as many as before.
+//! - resources: the server's RSS and open descriptors are within 5 % (RSS: or 1 MiB) of their
+//!   level after the warm-up (the first sample after 15 % of the run, and at least 10 s in,
+//!   when memory has grown to what the load needs), its descriptors back to their level
+//!   before the load, and its threads as many as before.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -18,8 +18,11 @@ use super::watch::{Metrics, Sample, HEADER};
 use super::Soak;
 use crate::Opts;
 
-/// How far above its warm-up level RSS or descriptors may end.
+/// How far above its warm-up level RSS or descriptors may end: 5 %, and for RSS at least
+/// 1 MiB, as the allocator's holdings move by half a MiB from one sample to the next under
+/// this load (a leak of 16 bytes a connection would pass it within 70,000 connections).
 const TOLERANCE: f64 = 0.05;
+const RSS_SLACK_KIB: u64 = 1024;
 /// The warm-up: this share of the run, and at least 10 s.
 const WARM_UP_SHARE: f64 = 0.15;
 const WARM_UP_MIN_SECS: f64 = 10.0;
@@ -158,15 +161,16 @@ fn resources(o: &Opts, samples: &[Sample], failures: &mut Vec<String>) -> Value 
         failures.push("no sample after the warm-up: run for 60 s at least".into());
         return json!(null);
     };
-    for (what, at_warm, at_end) in [
-        ("RSS (KiB)", warm.rss_kib, end.rss_kib),
-        ("descriptors", warm.fds, end.fds),
+    let rss_allowed = warm.rss_kib + ((warm.rss_kib as f64 * TOLERANCE) as u64).max(RSS_SLACK_KIB);
+    let fds_allowed = (warm.fds as f64 * (1.0 + TOLERANCE)) as u64;
+    for (what, at_warm, at_end, allowed) in [
+        ("RSS (KiB)", warm.rss_kib, end.rss_kib, rss_allowed),
+        ("descriptors", warm.fds, end.fds, fds_allowed),
     ] {
-        if at_end as f64 > at_warm as f64 * (1.0 + TOLERANCE) {
+        if at_end > allowed {
             failures.push(format!(
-                "{what}: {at_warm} after the warm-up ({:.0} s), {at_end} at the end: over {:.0} % more",
+                "{what}: {at_warm} after the warm-up ({:.0} s), {at_end} at the end, over {allowed}",
                 warm.secs,
-                TOLERANCE * 100.0
             ));
         }
     }

@@ -45,12 +45,12 @@ enum Fault {
     UntrustedProxy,
 }
 
-/// Tasks per fault: the stalled ones hold a connection for the server's timeout each, so
-/// several run at once.
+/// Tasks per fault: the stalled ones hold a connection for the server's timeout each (10 s in
+/// soak.sh), so several run at once.
 const TASKS: [(Fault, usize); 8] = [
     (Fault::TlsResetMidHandshake, 1),
-    (Fault::TlsStalledHandshake, 3),
-    (Fault::StalledProxyHeader, 3),
+    (Fault::TlsStalledHandshake, 6),
+    (Fault::StalledProxyHeader, 6),
     (Fault::Garbage, 1),
     (Fault::HalfClose, 1),
     (Fault::NeverReads, 3),
