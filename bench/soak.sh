@@ -50,9 +50,9 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
     -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
 
 # Short timeouts, so that stalled clients are closed often, but as long as the idle one for the
-# handshake: a TLS 1.3 client's handshake is over once it has sent its Finished, and a server
-# starved of CPU for longer than its deadline before it reads it (seen once at 3 s, with echo
-# under nice on a machine at load 15) closes a client that is already sending.
+# handshake: a TLS 1.3 client's handshake is over once it has sent its Finished, so when that
+# reaches the server after its deadline (a handshake slower than 3 s: echo and loadgen under
+# nice on a machine at load 15, seen once) the server closes a client that is already sending.
 idle_timeout=10 handshake_timeout=10 proxy_timeout=10
 setsid "$echo_bin" --port 0 --threads "$threads" --quiet \
     --tls-cert "$dir/cert.pem" --tls-key "$dir/key.pem" --tls-port 0 \
