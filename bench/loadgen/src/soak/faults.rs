@@ -132,18 +132,7 @@ async fn attempt(soak: &Soak, fault: Fault, n: u64, rng: &mut Rng) -> Result<(),
     let half_header = &header[..header.len() / 2];
     let within = soak.close_limit;
     match fault {
-        Fault::TlsResetMidHandshake => {
-            let mut s = connect(soak, Listener::Tls, TRUSTED).await?;
-            send(&mut s, &hello).await?;
-            let mut answer = [0u8; 1];
-            let read = timeout_at(deadline(CONNECT_TIMEOUT), s.read(&mut answer)).await;
-            match read {
-                Ok(Ok(1)) => reset(s),
-                Ok(Ok(_)) => Err("the server closed before answering a ClientHello".into()),
-                Ok(Err(e)) => Err(format!("no answer to a ClientHello: {e}")),
-                Err(_) => Err("no answer to a ClientHello in time".into()),
-            }
-        }
+        Fault::TlsResetMidHandshake => reset_mid_handshake(soak, &hello).await,
         Fault::TlsStalledHandshake => {
             let mut s = connect(soak, Listener::Tls, TRUSTED).await?;
             send(&mut s, half_hello).await?;
@@ -154,25 +143,7 @@ async fn attempt(soak: &Soak, fault: Fault, n: u64, rng: &mut Rng) -> Result<(),
             send(&mut s, half_header).await?;
             closed_by_server(s, within).await
         }
-        Fault::Garbage => {
-            let len = rng.between(1, 4096) as usize;
-            let garbage = rng.bytes(len);
-            let listener = [Listener::Tls, Listener::Proxy, Listener::Tcp][(n % 3) as usize];
-            let mut s = connect(soak, listener, TRUSTED).await?;
-            send(&mut s, &garbage).await?;
-            if listener == Listener::Tcp {
-                // Echoed like anything else: all of it comes back, behind `GOT:` prefixes.
-                s.shutdown()
-                    .await
-                    .map_err(|e| format!("half-closing: {e}"))?;
-                let got = read_to_end(s, within).await?;
-                return (got >= garbage.len()).then_some(()).ok_or(format!(
-                    "{} bytes of garbage sent, {got} came back",
-                    garbage.len()
-                ));
-            }
-            closed_by_server(s, within).await
-        }
+        Fault::Garbage => garbage(soak, n, rng).await,
         Fault::HalfClose => {
             let (listener, first) = match n % 4 {
                 0 => (Listener::Tls, half_hello),
@@ -213,6 +184,41 @@ async fn attempt(soak: &Soak, fault: Fault, n: u64, rng: &mut Rng) -> Result<(),
             closed_by_server(s, within).await
         }
     }
+}
+
+/// The whole ClientHello, the server's first answer, then a reset.
+async fn reset_mid_handshake(soak: &Soak, hello: &[u8]) -> Result<(), String> {
+    let mut s = connect(soak, Listener::Tls, TRUSTED).await?;
+    send(&mut s, hello).await?;
+    let mut answer = [0u8; 1];
+    let read = timeout_at(deadline(CONNECT_TIMEOUT), s.read(&mut answer)).await;
+    match read {
+        Ok(Ok(1)) => reset(s),
+        Ok(Ok(_)) => Err("the server closed before answering a ClientHello".into()),
+        Ok(Err(e)) => Err(format!("no answer to a ClientHello: {e}")),
+        Err(_) => Err("no answer to a ClientHello in time".into()),
+    }
+}
+
+/// Random bytes: the TLS and PROXY listeners close at once (or at their deadline, for bytes
+/// that look like the start of a record or header); the plain one echoes them all.
+async fn garbage(soak: &Soak, n: u64, rng: &mut Rng) -> Result<(), String> {
+    let len = rng.between(1, 4096) as usize;
+    let garbage = rng.bytes(len);
+    let listener = [Listener::Tls, Listener::Proxy, Listener::Tcp][(n % 3) as usize];
+    let mut s = connect(soak, listener, TRUSTED).await?;
+    send(&mut s, &garbage).await?;
+    if listener != Listener::Tcp {
+        return closed_by_server(s, soak.close_limit).await;
+    }
+    // All of it comes back, behind `GOT:` prefixes.
+    s.shutdown()
+        .await
+        .map_err(|e| format!("half-closing: {e}"))?;
+    let got = read_to_end(s, soak.close_limit).await?;
+    (got >= len)
+        .then_some(())
+        .ok_or(format!("{len} bytes of garbage sent, {got} came back"))
 }
 
 fn deadline(limit: Duration) -> Instant {
