@@ -5,7 +5,8 @@
 #   benches/syscalls-per-request.sh 'bench/bin/tokio-echo --threads 2 --port {port}'
 #
 # It starts the server on a free port, drives it with `loadgen pingpong` (50 connections,
-# 64 bytes; CONNECTIONS overrides the count), and counts the server's system calls with perf's
+# 64 bytes; CONNECTIONS overrides the count; TLS_CA=FILE speaks TLS, trusting FILE, to a server
+# started with a certificate it signed), and counts the server's system calls with perf's
 # syscall tracepoints over a 4 s window, which costs far less than strace and so leaves the
 # load as it is. Requests are counted as the server's sendto and writev calls (plain write is
 # left out: a runtime's wake-ups write to an eventfd), so the figures are per request for a
@@ -18,8 +19,10 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 start_server "$1"
 
+tls=()
+[ -z "${TLS_CA:-}" ] || tls=(--tls --tls-ca "$TLS_CA")
 "$loadgen" pingpong --addr "127.0.0.1:$port" --connections "${CONNECTIONS:-50}" --size 64 \
-    --duration 6 --warmup 0 --json >"$work/load.json" &
+    --duration 6 --warmup 0 "${tls[@]}" --json >"$work/load.json" &
 load=$!
 sleep 1 # let every connection reach its steady round trips before counting
 events=raw_syscalls:sys_enter,cs

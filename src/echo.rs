@@ -3,13 +3,16 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
-use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use smol::{future, Async};
 
 use crate::conn::connection::Connection;
 use crate::observe::meter::Meter;
+use crate::transport::{recv, send};
 
 /// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
 ///
@@ -41,8 +44,8 @@ thread_local! {
 /// next read, so a client that does not read its replies stops being read from: the server
 /// holds at most one chunk for it, never a growing backlog.
 ///
-/// Over plain TCP it reads into its worker thread's buffer with raw system calls, so an idle
-/// client costs no buffer; over TLS or a Unix socket each connection reads into its own.
+/// It reads into its worker thread's buffer (over plain TCP with raw system calls), so an idle
+/// client costs no buffer.
 ///
 /// # Examples
 ///
@@ -81,7 +84,7 @@ pin_project_lite::pin_project! {
 impl<T, L: Future<Output = T>, R: Future<Output = T>> Future for Either<L, R> {
     type Output = T;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         match self.project() {
             EitherProj::Left { future } => future.poll(cx),
             EitherProj::Right { future } => future.poll(cx),
@@ -89,21 +92,44 @@ impl<T, L: Future<Output = T>, R: Future<Output = T>> Future for Either<L, R> {
     }
 }
 
-/// The same protocol over any stream (TLS, a Unix socket), with a buffer of its own.
+/// The same protocol over any stream (TLS, a Unix socket), read into the worker thread's buffer
+/// as over plain TCP, so that an idle connection holds no buffer.
 async fn echo_buffered(mut stream: Connection) -> io::Result<()> {
-    let mut reply = vec![0; PREFIX.len() + READ_SIZE];
-    reply[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut budget = Budget::default();
     loop {
-        let read = stream.read(&mut reply[PREFIX.len()..]).await?;
-        if read == 0 {
+        match future::poll_fn(|cx| poll_answer(&mut stream, cx)).await? {
+            Answered::Fully { .. } => {}
+            // The client is slow to read: finish this reply before reading anything more.
+            Answered::Partly(unsent) => stream.write_all(&unsent).await?,
             // Ends the TLS session cleanly (close_notify) before the socket closes.
-            return stream.close().await;
+            Answered::EndOfStream => return stream.close().await,
         }
-        stream.write_all(&reply[..PREFIX.len() + read]).await?;
         stream.flush().await?;
         budget.spend().await;
     }
+}
+
+/// Reads one chunk into the thread's buffer and writes its reply, within one poll: what the
+/// stream did not take is returned, as [`answer_one_chunk`] does over plain TCP.
+fn poll_answer(stream: &mut Connection, cx: &mut Context<'_>) -> Poll<io::Result<Answered>> {
+    REPLY.with_borrow_mut(|reply| {
+        let read = ready!(Pin::new(&mut *stream).poll_read(cx, &mut reply[PREFIX.len()..]))?;
+        if read == 0 {
+            return Poll::Ready(Ok(Answered::EndOfStream));
+        }
+        let reply = &reply[..PREFIX.len() + read];
+        let written = match Pin::new(&mut *stream).poll_write(cx, reply) {
+            Poll::Ready(written) => written?,
+            Poll::Pending => 0,
+        };
+        Poll::Ready(Ok(if written == reply.len() {
+            Answered::Fully {
+                filled_buffer: read == READ_SIZE,
+            }
+        } else {
+            Answered::Partly(reply[written..].to_vec())
+        }))
+    })
 }
 
 /// Over plain TCP, with raw system calls; the bytes are counted here, since they do not go
@@ -195,32 +221,6 @@ fn answer_one_chunk(socket: &std::net::TcpStream, meter: &Meter) -> io::Result<A
             Answered::Partly(reply[written..].to_vec())
         })
     })
-}
-
-#[cfg(unix)]
-fn recv(socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    Ok(rustix::net::recv(socket, buf, rustix::net::RecvFlags::empty())?.0)
-}
-
-#[cfg(unix)]
-fn send(socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
-    // NOSIGNAL: a client gone away is an EPIPE error here, not a SIGPIPE for the process (std
-    // ignores SIGPIPE in binaries, but a library cannot count on its host doing so).
-    Ok(rustix::net::send(
-        socket,
-        buf,
-        rustix::net::SendFlags::NOSIGNAL,
-    )?)
-}
-
-#[cfg(not(unix))]
-fn recv(mut socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    io::Read::read(&mut socket, buf)
-}
-
-#[cfg(not(unix))]
-fn send(mut socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
-    io::Write::write(&mut socket, buf)
 }
 
 fn retry_interrupted<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {

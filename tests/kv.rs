@@ -11,7 +11,7 @@ mod resp;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -339,28 +339,11 @@ fn the_parser_survives_random_and_mutated_input() {
 
 const NEEDS_REDIS_TOOLS: &str = "needs redis-cli: bash .ci/run installs it";
 
-/// Runs `program` with `args` and stdin from `input`; its output, which must be a success.
+/// Runs `program` with `args` and stdin from `input`; its output, which must be a success
+/// within 10 minutes (redis-benchmark's 400,000 requests take minutes on a busy machine).
 fn run(program: &str, args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {program}: {e} ({NEEDS_REDIS_TOOLS})"));
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    // From a thread: the program's output fills its pipes while it reads.
-    let feeding = std::thread::spawn(move || stdin.write_all(&input));
-    let output = child.wait_with_output().expect("wait for it");
-    let _ = feeding.join().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    let limit = Duration::from_secs(600);
+    common::programs::run_to_success(program, args, input, limit, NEEDS_REDIS_TOOLS)
 }
 
 /// `redis-cli` against `kv` with `args`; what it printed.

@@ -233,7 +233,9 @@ fn reload_tls_serves_new_clients_the_new_certificate_and_keeps_open_sessions() {
     replace_files(&files, &renewed);
     server.reload_tls().expect("reload the new pair");
 
-    let mut after = tls_connect(addr, &config, "localhost").unwrap();
+    // A new client: one that kept a session would resume it, and see the certificate that
+    // session was made with (tests/tls_resume.rs).
+    let mut after = tls_connect(addr, &files.client(), "localhost").unwrap();
     assert_eq!(
         server_cert(&after),
         renewed.cert,

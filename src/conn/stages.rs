@@ -26,7 +26,8 @@ use crate::observe::meter::Meter;
 use crate::observe::stats::{CloseReason, RefusalReason};
 use crate::stop::StopHandle;
 use crate::transport::proxy::{self, ProxyProtocol};
-use crate::transport::tls::{self, TlsConfig};
+use crate::transport::tls::TlsConfig;
+use crate::transport::tls_session;
 use crate::transport::{Accepted, Listener, Stream};
 
 /// What every connection of a server shares: the handler, and what its stages need.
@@ -207,8 +208,9 @@ impl<H: Handler> Steps<H> {
                 return None;
             }
         }
-        let (session, closing) = tls::handshake(tcp, &mut info, &tls, timeout, &self.peer).await?;
-        let stream = Stream::Tls(Box::new(session));
+        let (session, closing) =
+            tls_session::handshake(tcp, &mut info, &tls, timeout, &self.peer).await?;
+        let stream = Stream::Tls(session);
         let connection = Connection::new(stream, info, self.service.stop.clone(), meter);
         let outcome = self.service.handler.call(connection).await;
         closing.close(timeout, &self.peer).await;

@@ -145,11 +145,14 @@ fn drop_handler<F>(handler: Pin<&mut Option<F>>, peer: &Peer) {
     }
 }
 
-/// How a handler's error ended its connection: a reset by the client (or a write to a client
-/// that had gone) is the client's doing; anything else is the handler's error.
+/// How a handler's error ended its connection: a reset by the client, a write to a client
+/// that had gone, or a client that TCP keepalive (or TCP_USER_TIMEOUT) found gone (`TimedOut`,
+/// as the socket reports ETIMEDOUT) is the client's doing; anything else is the handler's
+/// error.
 fn error_reason(e: &io::Error) -> CloseReason {
+    use io::ErrorKind::*;
     match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => CloseReason::PeerReset,
+        ConnectionReset | BrokenPipe | TimedOut => CloseReason::PeerReset,
         _ => CloseReason::HandlerError,
     }
 }
@@ -162,5 +165,27 @@ fn log_handler_error(peer: &Peer, e: &io::Error) {
             debug!("{peer}: {e}")
         }
         _ => warn!("{peer}: handler failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_resets_or_vanishes_is_its_doing_and_other_errors_the_handlers() {
+        let reason = |kind: io::ErrorKind| error_reason(&io::Error::from(kind));
+        assert_eq!(
+            reason(io::ErrorKind::ConnectionReset),
+            CloseReason::PeerReset
+        );
+        assert_eq!(reason(io::ErrorKind::BrokenPipe), CloseReason::PeerReset);
+        // ETIMEDOUT: TCP keepalive's probes, or TCP_USER_TIMEOUT, found the client gone.
+        assert_eq!(reason(io::ErrorKind::TimedOut), CloseReason::PeerReset);
+        assert_eq!(
+            reason(io::ErrorKind::InvalidData),
+            CloseReason::HandlerError
+        );
+        assert_eq!(reason(io::ErrorKind::Other), CloseReason::HandlerError);
     }
 }

@@ -53,7 +53,8 @@ pub enum CloseReason {
     ClientClosed,
     /// No activity for the idle timeout.
     IdleTimeout,
-    /// The handler returned an error other than the peer's reset ([`CloseReason::PeerReset`]).
+    /// The handler returned an error other than the peer's reset or disappearance
+    /// ([`CloseReason::PeerReset`]).
     HandlerError,
     /// The handler panicked.
     HandlerPanic,
@@ -68,8 +69,9 @@ pub enum CloseReason {
     /// (or was asked to hurry).
     Stopped,
     /// The client reset the connection (the handler's read or write failed with
-    /// `ConnectionReset`, or `BrokenPipe` from writing to a client that had gone): the client
-    /// left abruptly, which is no fault of the server's, so not a [`CloseReason::HandlerError`].
+    /// `ConnectionReset`, or `BrokenPipe` from writing to a client that had gone), or was found
+    /// gone by [TCP keepalive](crate::Builder::keepalive) (`TimedOut`): the client left
+    /// abruptly, which is no fault of the server's, so not a [`CloseReason::HandlerError`].
     PeerReset,
     /// A health check: on a PROXY listener, a connection whose header was a v2 `LOCAL` (the
     /// load balancer's own, not a client's) that sent no byte after it, and then closed or

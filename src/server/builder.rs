@@ -428,8 +428,11 @@ impl Builder {
     /// without traffic the kernel probes the peer, every third of `idle` (at least 1 s), and
     /// closes the connection after three probes go unanswered. So a peer that vanished (a NAT
     /// that forgot the connection, a machine switched off) is found within twice `idle`, well
-    /// before a long idle timeout; the handler's next read fails then. [`Duration::ZERO`]
-    /// turns it off.
+    /// before a long idle timeout; the handler's next read fails then, and the connection is
+    /// counted as [`CloseReason::PeerReset`](crate::CloseReason::PeerReset). On Linux, so is a
+    /// peer that vanished while data sent to it was unacknowledged (TCP_USER_TIMEOUT, set to
+    /// the same bound), which the probes never reach: they wait for a quiet connection.
+    /// [`Duration::ZERO`] turns it off.
     pub fn keepalive(mut self, idle: Duration) -> Self {
         self.keepalive = (!idle.is_zero()).then_some(idle);
         self

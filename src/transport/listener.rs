@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use smol::Async;
-use socket2::TcpKeepalive;
 
 use super::proxy::ProxyProtocol;
 use super::stream::Stream;
@@ -55,7 +54,7 @@ pub(crate) struct Listener {
     /// Whether a PROXY header comes first, and from whom it is trusted.
     proxy: Option<ProxyProtocol>,
     /// Set on each accepted TCP connection.
-    keepalive: Option<TcpKeepalive>,
+    keepalive: Option<tcp::Keepalive>,
 }
 
 #[derive(Debug)]

@@ -2,8 +2,8 @@
 //!
 //! An [`Endpoint`] is what the builder was given (an address, a path, systemd's sockets); bound,
 //! it becomes one or more [`Listener`]s, each of which accepts a [`Stream`] with what the socket
-//! tells about the client. [`proxy`] reads a PROXY header off a TCP stream and [`tls`] turns one
-//! into a TLS session; the connection's own task runs them (see `crate::conn`).
+//! tells about the client. [`proxy`] reads a PROXY header off a TCP stream and [`tls_session`]
+//! turns one into a TLS session; the connection's own task runs them (see `crate::conn`).
 //!
 //! Without the `tls` feature, `tls` is a module of types that have no values: the code that
 //! handles TLS compiles unchanged, and its TLS branches cannot be reached.
@@ -23,10 +23,15 @@ pub(crate) mod tls;
 #[cfg(feature = "tls")]
 mod tls_errors;
 #[cfg(feature = "tls")]
-mod tls_records;
+pub(crate) mod tls_session;
+#[cfg(not(feature = "tls"))]
+pub(crate) use tls as tls_session;
+#[cfg(feature = "tls")]
+mod tls_resumption;
 #[cfg(unix)]
 mod unix;
 
 pub(crate) use endpoint::Endpoint;
 pub(crate) use listener::{Accepted, ListenOptions, Listener};
 pub(crate) use stream::Stream;
+pub(crate) use tcp::{recv, send};

@@ -6,14 +6,14 @@ use std::task::{Context, Poll};
 
 use smol::io::{AsyncRead, AsyncWrite};
 
-use super::tls::TlsSession;
+use super::tls_session::TlsSession;
 
 /// A client's byte stream: plain TCP, a Unix socket, or a TLS session over TCP.
 pub(crate) enum Stream {
     Tcp(async_net::TcpStream),
     #[cfg(unix)]
     Unix(async_net::unix::UnixStream),
-    Tls(Box<TlsSession>),
+    Tls(TlsSession),
 }
 
 /// Calls `$call` on whichever stream `$stream` holds, as `$s`.

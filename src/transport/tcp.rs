@@ -45,28 +45,51 @@ fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpL
     Ok(socket.into())
 }
 
+/// TCP keepalive as [`keepalive`] sets it up for each connection.
+#[derive(Debug, Clone)]
+pub(super) struct Keepalive {
+    probes: TcpKeepalive,
+    /// How long data sent may stay unacknowledged before the connection is given up
+    /// (TCP_USER_TIMEOUT): as long as the probes take. Keepalive probes only a connection with
+    /// nothing in flight; a peer that vanishes while a reply to it is unacknowledged would
+    /// otherwise be retransmitted to for some 15 minutes (`tcp_retries2`), not found in time.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    give_up_after: Duration,
+}
+
 /// Keepalive probes after `idle` without traffic, then every third of it (at least a second),
-/// three of them: a dead peer is found within twice `idle`.
-pub(super) fn keepalive(idle: Duration) -> TcpKeepalive {
-    let keepalive = TcpKeepalive::new().with_time(idle);
+/// three of them: a dead peer is found within twice `idle`, and on Linux so is one that stops
+/// acknowledging what was sent to it.
+pub(super) fn keepalive(idle: Duration) -> Keepalive {
+    let interval = (idle / 3).max(Duration::from_secs(1));
+    let probes = TcpKeepalive::new().with_time(idle);
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
-    let keepalive = keepalive
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    keepalive
+    let probes = probes.with_interval(interval).with_retries(3);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = interval;
+    Keepalive {
+        probes,
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        give_up_after: idle + interval * 3,
+    }
 }
 
 /// Sets up a connection just accepted from `peer`. A failure is logged and the connection
 /// served all the same: these only tune it.
-pub(super) fn set_up(stream: &TcpStream, peer: SocketAddr, keepalive: Option<&TcpKeepalive>) {
+pub(super) fn set_up(stream: &TcpStream, peer: SocketAddr, keepalive: Option<&Keepalive>) {
     // Without TCP_NODELAY, a reply written in two parts (prefix, then payload) waits for the
     // client's delayed ACK: Nagle's algorithm turns each round trip into 40 ms.
     if let Err(e) = stream.set_nodelay(true) {
         debug!("{peer}: cannot set TCP_NODELAY: {e}");
     }
     if let Some(keepalive) = keepalive {
-        if let Err(e) = SockRef::from(stream).set_tcp_keepalive(keepalive) {
+        let socket = SockRef::from(stream);
+        if let Err(e) = socket.set_tcp_keepalive(&keepalive.probes) {
             debug!("{peer}: cannot set TCP keepalive: {e}");
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Err(e) = socket.set_tcp_user_timeout(Some(keepalive.give_up_after)) {
+            debug!("{peer}: cannot set TCP_USER_TIMEOUT: {e}");
         }
     }
 }
@@ -74,4 +97,33 @@ pub(super) fn set_up(stream: &TcpStream, peer: SocketAddr, keepalive: Option<&Tc
 /// The backlog as listen(2) takes it.
 pub(super) fn clamp_backlog(backlog: u32) -> i32 {
     backlog.min(i32::MAX as u32) as i32
+}
+
+/// One recv(2) on a non-blocking socket, whose readiness the caller waits for: for reads into
+/// a worker thread's buffer, which cannot be lent to a future that may wait.
+#[cfg(unix)]
+pub(crate) fn recv(socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(rustix::net::recv(socket, buf, rustix::net::RecvFlags::empty())?.0)
+}
+
+/// One send(2) on a non-blocking socket.
+#[cfg(unix)]
+pub(crate) fn send(socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // NOSIGNAL: a client gone away is an EPIPE error here, not a SIGPIPE for the process (std
+    // ignores SIGPIPE in binaries, but a library cannot count on its host doing so).
+    Ok(rustix::net::send(
+        socket,
+        buf,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn recv(mut socket: &std::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    io::Read::read(&mut socket, buf)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn send(mut socket: &std::net::TcpStream, buf: &[u8]) -> io::Result<usize> {
+    io::Write::write(&mut socket, buf)
 }

@@ -1,28 +1,20 @@
-//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable),
-//! the handshake and the close, stages of a connection's task around its handler, each with
-//! its own deadline.
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable;
+//! session resumption, in `tls_resumption`). The sessions it starts are in `tls_session`.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_rustls::pki_types::pem::PemObject;
 use futures_rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use futures_rustls::rustls::server::WebPkiClientVerifier;
+use futures_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use futures_rustls::rustls::sign::CertifiedKey;
 use futures_rustls::rustls::{self, RootCertStore, ServerConfig};
-use futures_rustls::TlsAcceptor;
-use log::debug;
-use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
-use super::tls_records::RecordTracker;
-use crate::deadline::within;
-use crate::info::{ConnectionInfo, TlsInfo, Transport};
-use crate::logging::Peer;
+use super::tls_resumption::Resumption;
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
 /// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
@@ -49,14 +41,20 @@ struct Reloadable {
     /// Where the configuration comes from, read again on reload; `None` for a given one.
     files: Option<Files>,
     current: RwLock<Arc<ServerConfig>>,
+    /// The sessions `current` resumes, handed on to the configuration a reload makes (`None`
+    /// for a given one). A mutex, so that two reloads at once cannot each start their own.
+    resumption: Mutex<Option<Resumption>>,
 }
 
 #[derive(Debug, Clone)]
-struct Files {
+pub(super) struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
     alpn: Vec<Vec<u8>>,
+    /// Sessions kept in memory for clients to resume; 0 keeps none.
+    pub(super) session_cache: usize,
+    pub(super) tickets: bool,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -82,6 +80,8 @@ impl TlsConfig {
             key: key.as_ref().to_path_buf(),
             client_ca: None,
             alpn: Vec::new(),
+            session_cache: Self::DEFAULT_SESSION_CACHE,
+            tickets: true,
         })
     }
 
@@ -90,13 +90,14 @@ impl TlsConfig {
     pub fn from_server_config(config: Arc<ServerConfig>) -> Self {
         TlsConfig(Arc::new(Reloadable {
             files: None,
-            current: RwLock::new(config),
+            current: RwLock::new(noting_server_names(config)),
+            resumption: Mutex::new(None),
         }))
     }
 
     /// Asks every client for a certificate signed by a CA in `ca` (PEM) and refuses, in the
     /// handshake, those without one. The handler sees the certificate's subject in
-    /// [`TlsInfo::client_subject`].
+    /// [`TlsInfo::client_subject`](crate::TlsInfo::client_subject).
     ///
     /// # Errors
     ///
@@ -109,7 +110,7 @@ impl TlsConfig {
     }
 
     /// The application protocols offered with ALPN, most preferred first (`b"h2"`,
-    /// `b"http/1.1"`...); the one negotiated is in [`TlsInfo::alpn_protocol`].
+    /// `b"http/1.1"`...); the one negotiated is in [`TlsInfo::alpn_protocol`](crate::TlsInfo::alpn_protocol).
     ///
     /// # Errors
     ///
@@ -121,8 +122,10 @@ impl TlsConfig {
     }
 
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
-    /// and open connections keep theirs. Nothing to do for a configuration given as a
-    /// [`ServerConfig`][ServerConfig].
+    /// and open connections keep theirs. Clients still resume the sessions they had, unless the
+    /// client CA certificates changed: a session whose client certificate was checked against
+    /// other CAs must not skip the new check, so then every session is dropped. Nothing to do
+    /// for a configuration given as a [`ServerConfig`][ServerConfig].
     ///
     /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
@@ -133,24 +136,31 @@ impl TlsConfig {
         let Some(files) = &self.0.files else {
             return Ok(());
         };
-        let config = load(files)?;
+        let mut resumption = self
+            .0
+            .resumption
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (config, renewed) = load(files, resumption.clone())?;
         *self
             .0
             .current
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = config;
+            .unwrap_or_else(PoisonError::into_inner) = noting_server_names(config);
+        *resumption = Some(renewed);
         Ok(())
     }
 
-    fn from_files(files: Files) -> io::Result<Self> {
-        let config = load(&files)?;
+    pub(super) fn from_files(files: Files) -> io::Result<Self> {
+        let (config, resumption) = load(&files, None)?;
         Ok(TlsConfig(Arc::new(Reloadable {
             files: Some(files),
-            current: RwLock::new(config),
+            current: RwLock::new(noting_server_names(config)),
+            resumption: Mutex::new(Some(resumption)),
         })))
     }
 
-    fn files(&self) -> io::Result<Files> {
+    pub(super) fn files(&self) -> io::Result<Files> {
         self.0.files.clone().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -159,7 +169,7 @@ impl TlsConfig {
         })
     }
 
-    fn current(&self) -> Arc<ServerConfig> {
+    pub(super) fn current(&self) -> Arc<ServerConfig> {
         let current = self
             .0
             .current
@@ -169,11 +179,107 @@ impl TlsConfig {
     }
 }
 
-fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
+impl TlsConfig {
+    /// [`TlsConfig::with_session_cache`] unless told otherwise: as many sessions as the server
+    /// holds connections by default ([`Builder::max_connections`][max]), a few MiB when full.
+    ///
+    /// [max]: crate::Builder::max_connections
+    pub const DEFAULT_SESSION_CACHE: usize = 10_000;
+
+    /// The most [`TlsConfig::with_session_cache`] takes: about 400 MiB of sessions when full,
+    /// and rustls sets room for all of them aside at once.
+    pub const MAX_SESSION_CACHE: usize = 1_000_000;
+
+    /// Keeps up to `sessions` TLS sessions in this process's memory (by default
+    /// [`DEFAULT_SESSION_CACHE`](Self::DEFAULT_SESSION_CACHE); 0 keeps none), so that a client
+    /// that comes back resumes its session, an abbreviated handshake; the oldest goes when it
+    /// is full. With tickets on ([`TlsConfig::with_session_tickets`]) only TLS 1.2 clients that
+    /// take no tickets need it; with tickets off, TLS 1.3 clients too, two sessions for each
+    /// full handshake. A reload keeps them ([`TlsConfig::reload`]); another process does not.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Many TLS 1.2 clients without tickets: keep more of their sessions.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_cache(100_000)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for more than [`MAX_SESSION_CACHE`](Self::MAX_SESSION_CACHE)
+    /// sessions; otherwise as [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_cache(self, sessions: usize) -> io::Result<Self> {
+        if sessions > Self::MAX_SESSION_CACHE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a TLS session cache of {sessions} sessions: the most is {} (about 400 MiB \
+                     when full)",
+                    Self::MAX_SESSION_CACHE
+                ),
+            ));
+        }
+        let mut files = self.files()?;
+        files.session_cache = sessions;
+        Self::from_files(files)
+    }
+
+    /// Whether the server gives clients session tickets (on by default): the session, sealed
+    /// with a key only this process has, for the client to show when it comes back, so that
+    /// resuming takes no memory and no client is forgotten for lack of room. The key is random,
+    /// replaced every 6 hours, and a ticket opens for 12. TLS 1.3 resumes with a new key
+    /// exchange, so a stolen key decrypts no traffic (its thief could pass for the server to
+    /// resuming clients); a TLS 1.2 ticket holds the master secret and travels in the clear,
+    /// so a stolen key decrypts the TLS 1.2 sessions of its 12 hours. Off, clients resume from
+    /// the cache. docs/operations.md ("Session resumption") weighs the choices.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// // Resume from this process's memory only.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?.with_session_tickets(false)?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`TlsConfig::with_client_ca_file`].
+    pub fn with_session_tickets(self, tickets: bool) -> io::Result<Self> {
+        let mut files = self.files()?;
+        files.tickets = tickets;
+        Self::from_files(files)
+    }
+}
+
+/// Reads `files` into a configuration that resumes the sessions of `previous` if it may (see
+/// [`Resumption::renewed`]), and returns the sessions it resumes.
+fn load(
+    files: &Files,
+    previous: Option<Resumption>,
+) -> io::Result<(Arc<ServerConfig>, Resumption)> {
     let certs = read_certs(&files.cert, Wanted::Certificates)?;
     let key = read_pem_file(&files.key)
         .and_then(|pem| PrivateKeyDer::from_pem_slice(&pem))
         .map_err(|e| pem_error(&files.key, Wanted::PrivateKey, e))?;
+    let client_roots = match &files.client_ca {
+        Some(ca) => read_certs(ca, Wanted::CaCertificates)?,
+        None => Vec::new(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
@@ -182,7 +288,7 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca, Wanted::CaCertificates)? {
+            for cert in client_roots.iter().cloned() {
                 roots.add(cert).map_err(|e| {
                     invalid_data(format!(
                         "{}: not a usable CA certificate: {e}",
@@ -200,7 +306,10 @@ fn load(files: &Files) -> io::Result<Arc<ServerConfig>> {
         .with_single_cert(certs, key)
         .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
-    Ok(Arc::new(config))
+    let resumption =
+        Resumption::renewed(previous, files.session_cache, files.tickets, client_roots)?;
+    resumption.apply(&mut config);
+    Ok((Arc::new(config), resumption))
 }
 
 fn read_certs(path: &Path, wanted: Wanted) -> io::Result<Vec<CertificateDer<'static>>> {
@@ -245,180 +354,40 @@ fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> 
     Ok(pem)
 }
 
-/// The TLS handshake of one connection, within `timeout`: the stream then becomes the
-/// decrypted session, `info` learns what was settled, and [`Closing`] ends the session once the
-/// handler is done with it. `None`, with the reason logged at debug, when the client fails it,
-/// sends something else, or takes too long.
-pub(crate) async fn handshake(
-    tcp: async_net::TcpStream,
-    info: &mut ConnectionInfo,
-    tls: &TlsConfig,
-    timeout: Duration,
-    peer: &Peer,
-) -> Option<(TlsSession, Closing)> {
-    let accepting = TlsAcceptor::from(tls.current()).accept(RecordTracker::new(tcp));
-    let stream = match within(timeout, "no handshake", accepting).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            debug!("{peer}: TLS handshake failed: {e}");
-            return None;
-        }
-    };
-    let (_, session) = stream.get_ref();
-    info.transport = Transport::Tls;
-    info.tls = Some(TlsInfo {
-        server_name: session.server_name().map(str::to_string),
-        alpn_protocol: session.alpn_protocol().map(<[u8]>::to_vec),
-        client_subject: session
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|cert| subject(cert)),
-    });
-    let closing = Closing::default();
-    let session = TlsSession {
-        stream: Some(Box::new(stream)),
-        closing: closing.clone(),
-    };
-    Some((session, closing))
+/// `config` with a certificate resolver that notes the server name each client asks for, for
+/// [`TlsInfo::server_name`].
+fn noting_server_names(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.cert_resolver = Arc::new(NoteServerName(config.cert_resolver));
+    Arc::new(config)
 }
 
-/// A server-side TLS stream over TCP, whose record framing is followed (see [`RecordTracker`]).
-type ServerStream = futures_rustls::server::TlsStream<RecordTracker<async_net::TcpStream>>;
-
-/// A TLS session as its handler holds it. Dropped, it hands its stream back to the connection's
-/// task ([`Closing::close`]), because ending a session takes more than a drop can do: what the
-/// handler wrote last may still be in rustls's buffer, waiting for room in the socket, and the
-/// client is owed a close_notify. (A TCP socket needs none of this: after a close, the kernel
-/// sends what it still holds.)
-pub(crate) struct TlsSession {
-    /// `Some` until dropped.
-    stream: Option<Box<ServerStream>>,
-    closing: Closing,
+thread_local! {
+    /// The server name a client asked for, noted by [`NoteServerName`] while rustls handles
+    /// its hello: rustls's unbuffered connection has no accessor for it.
+    static SERVER_NAME: RefCell<Option<Option<String>>> = const { RefCell::new(None) };
 }
 
-impl TlsSession {
-    fn stream(&mut self) -> Pin<&mut ServerStream> {
-        Pin::new(
-            self.stream
-                .as_mut()
-                .expect("a TlsSession has its stream until dropped"),
-        )
-    }
-
-    /// A read's result as the handler sees it: a client that closed its socket without
-    /// close_notify, at the end of a record, has closed (`Ok(0)`), as Go's crypto/tls takes
-    /// it; in the middle of a record, what it sent was cut short, and that stays an error.
-    fn eof_without_close_notify(
-        &mut self,
-        read: Poll<io::Result<usize>>,
-    ) -> Poll<io::Result<usize>> {
-        let Poll::Ready(Err(e)) = &read else {
-            return read;
-        };
-        let Some(stream) = self.stream.as_mut() else {
-            return read;
-        };
-        let (records, _) = stream.get_mut();
-        if e.kind() != io::ErrorKind::UnexpectedEof || !records.saw_eof() {
-            return read;
-        }
-        if records.ended_between_records() {
-            records.missing_close_notify = true;
-            return Poll::Ready(Ok(0));
-        }
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed in the middle of a TLS record, without close_notify: what it sent was cut short",
-        )))
-    }
+/// The server name that the last client hello handled on this thread asked for (`Some(None)`:
+/// none), once; `None` if no hello was handled since the last call. A session calls it right
+/// after handing rustls the bytes that may hold its hello, on the same thread.
+pub(super) fn noted_server_name() -> Option<Option<String>> {
+    SERVER_NAME.with_borrow_mut(Option::take)
 }
 
-impl Drop for TlsSession {
-    fn drop(&mut self) {
-        if let Some(stream) = self.stream.take() {
-            *self
-                .closing
-                .0
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(stream);
-        }
-    }
-}
+/// A certificate resolver that notes the server name asked for, then asks the one it wraps.
+/// rustls asks it for every handshake, resumed ones included, on the thread running it.
+#[derive(Debug)]
+struct NoteServerName(Arc<dyn ResolvesServerCert>);
 
-impl AsyncRead for TlsSession {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let read = this.stream().poll_read(cx, buf);
-        this.eof_without_close_notify(read)
+impl ResolvesServerCert for NoteServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(str::to_string);
+        SERVER_NAME.with_borrow_mut(|noted| *noted = Some(name));
+        self.0.resolve(hello)
     }
 
-    fn poll_read_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &mut [io::IoSliceMut<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let read = this.stream().poll_read_vectored(cx, bufs);
-        this.eof_without_close_notify(read)
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
     }
-}
-
-impl AsyncWrite for TlsSession {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream().poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream().poll_close(cx)
-    }
-}
-
-/// Where a [`TlsSession`] leaves its stream when dropped, for the connection's task to end the
-/// session after the handler.
-#[derive(Clone, Default)]
-pub(crate) struct Closing(Arc<Mutex<Option<Box<ServerStream>>>>);
-
-impl Closing {
-    /// Sends what rustls still buffers, then close_notify, and shuts the socket's sending side,
-    /// within `timeout`: a client that reads nothing is not waited for longer. Nothing to do if
-    /// the handler did not drop its session (it handed it to another task) or closed it already.
-    pub(crate) async fn close(self, timeout: Duration, peer: &Peer) {
-        let stream = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let Some(mut stream) = stream else {
-            return;
-        };
-        if stream.get_ref().0.missing_close_notify {
-            debug!("{peer}: closed its socket without TLS close_notify, at a record's end: taken as its close");
-        }
-        // An error means the client left first or did not read: nothing more to do for it.
-        if let Err(e) = within(timeout, "not closed", stream.close()).await {
-            debug!("{peer}: TLS close: {e}");
-        }
-    }
-}
-
-/// A certificate's subject as people write it: `CN=alice, O=Example`.
-fn subject(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
-    Some(cert.subject().to_string())
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use taskserve::{Builder, Connection, ConnectionInfo, Server};
 
+pub mod programs;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -171,8 +172,13 @@ pub fn is_prefixed_echo(reply: &[u8], expected: &[u8]) -> bool {
 
 /// Retries `check` until it returns true or [`PATIENCE`] runs out; false in that case. For
 /// waiting on an event that has no notification, such as the server noticing a close.
-pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + PATIENCE;
+pub fn eventually(check: impl FnMut() -> bool) -> bool {
+    eventually_within(PATIENCE, check)
+}
+
+/// As [`eventually`], for a wait whose bound the test sets: `limit` instead of [`PATIENCE`].
+pub fn eventually_within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if check() {
             return true;
@@ -642,7 +648,13 @@ pub fn run_to_exit(command: Command, args: &[&str]) -> (Option<i32>, String, Str
 /// Waits for `child` to exit by itself, reading its stdout and stderr if they are piped (so
 /// that it never blocks on a full pipe); returns how it exited and what it wrote. Fails the
 /// test (and kills it) if it still runs after [`PATIENCE`]; `what` names it then.
-pub fn exit_within_patience(mut child: ChildGuard, what: &str) -> std::process::Output {
+pub fn exit_within_patience(child: ChildGuard, what: &str) -> std::process::Output {
+    exit_within(child, what, PATIENCE)
+}
+
+/// As [`exit_within_patience`], for a child that may take up to `limit`: a whole scenario run
+/// by a test binary re-executed in a network namespace, say.
+pub fn exit_within(mut child: ChildGuard, what: &str, limit: Duration) -> std::process::Output {
     fn read_all(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut out = Vec::new();
@@ -655,11 +667,11 @@ pub fn exit_within_patience(mut child: ChildGuard, what: &str) -> std::process::
     let stdout = read_all(child.stdout.take());
     let stderr = read_all(child.stderr.take());
     let mut status = None;
-    let exited = eventually(|| {
+    let exited = eventually_within(limit, || {
         status = child.try_wait().expect("wait for the child");
         status.is_some()
     });
-    assert!(exited, "{what} still ran after {PATIENCE:?}");
+    assert!(exited, "{what} still ran after {limit:?}");
     std::process::Output {
         status: status.unwrap(),
         stdout: stdout.join().unwrap(),

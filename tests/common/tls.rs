@@ -162,12 +162,22 @@ pub fn start_tls_echo_process(files: &TlsFiles, extra: &[&str]) -> EchoProcess {
 
 /// A client configuration trusting `ca`, presenting `client_cert` if given and offering `alpn`.
 pub fn client_config(ca: &Ca, client_cert: Option<&Pair>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    client_config_for(rustls::DEFAULT_VERSIONS, ca, client_cert, alpn)
+}
+
+/// As [`client_config`], speaking only the TLS `versions` given.
+pub fn client_config_for(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    ca: &Ca,
+    client_cert: Option<&Pair>,
+    alpn: &[&[u8]],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.cert().clone()).expect("trust the test CA");
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default versions")
+            .with_protocol_versions(versions)
+            .expect("ring supports the versions")
             .with_root_certificates(roots);
     let mut config = match client_cert {
         None => builder.with_no_client_auth(),
@@ -189,7 +199,16 @@ pub fn tls_connect(
     config: &Arc<ClientConfig>,
     server_name: &str,
 ) -> io::Result<TlsStream> {
-    let mut tcp = connect(addr);
+    tls_handshake(connect(addr), config, server_name)
+}
+
+/// As [`tls_connect`], over a TCP connection made by the caller (with options of its own, such
+/// as keepalive).
+pub fn tls_handshake(
+    mut tcp: TcpStream,
+    config: &Arc<ClientConfig>,
+    server_name: &str,
+) -> io::Result<TlsStream> {
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut conn = ClientConnection::new(Arc::clone(config), name).map_err(io::Error::other)?;

@@ -1,13 +1,16 @@
 //! `--tls`: the client side of TLS (rustls, ring provider) and the stream type every
 //! mode reads and writes, plain TCP or TLS over it.
 //!
-//! Every connection does a full handshake: session resumption is off, so that churn
-//! measures what a new client costs a server, and a ping-pong or flood connection
-//! costs what it would the first time.
+//! Every connection does a full handshake unless `--resume`: session resumption is off, so
+//! that churn measures what a new client costs a server, and a ping-pong or flood connection
+//! costs what it would the first time. With `--resume` (churn), each client loop keeps the
+//! session of its last connection and offers it on its next one, as a returning client does,
+//! and the report counts the handshakes the server resumed.
 
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -24,7 +27,8 @@ use tokio_rustls::rustls::crypto::{ring, verify_tls12_signature, verify_tls13_si
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, RootCertStore,
+    SignatureScheme, SupportedProtocolVersion,
 };
 use tokio_rustls::TlsConnector;
 
@@ -38,23 +42,41 @@ pub enum Verify {
     Nothing,
 }
 
-/// A TLS client configuration, shared by every connection of a run.
+/// A TLS client configuration, shared by every connection of a run (with `--resume`, by
+/// every connection of a client loop: see [`Tls::for_one_loop`]).
 #[derive(Clone)]
 pub struct Tls {
+    config: Arc<ClientConfig>,
     connector: TlsConnector,
     name: ServerName<'static>,
     verify: Verify,
+    /// `--resume`: each client loop offers its last session.
+    resume: bool,
     /// What the first handshake settled, for the report.
     settled: Arc<OnceLock<Value>>,
+    /// Handshakes done: full, then resumed.
+    kinds: Arc<[AtomicU64; 2]>,
+}
+
+/// What `Tls::new` is asked for, beside the certificate check.
+pub struct Options<'a> {
+    /// The server name sent (SNI) and, with a CA, checked in the certificate.
+    pub name: &'a str,
+    /// `--tls-version`: only this version; `None` for rustls's defaults (1.3, then 1.2).
+    pub version: Option<&'static SupportedProtocolVersion>,
+    pub resume: bool,
 }
 
 impl Tls {
     /// `ca`: PEM file of trusted certificates, or `None` for no verification.
-    /// `name`: the server name sent (SNI) and, with `ca`, checked in the certificate.
-    pub fn new(ca: Option<&Path>, name: &str) -> Result<Tls, String> {
+    pub fn new(ca: Option<&Path>, options: Options<'_>) -> Result<Tls, String> {
         let provider = Arc::new(ring::default_provider());
+        let versions = match options.version {
+            Some(version) => vec![version],
+            None => tokio_rustls::rustls::DEFAULT_VERSIONS.to_vec(),
+        };
         let builder = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&versions)
             .map_err(|e| format!("cannot set up TLS: {e}"))?;
         let mut config = match ca {
             Some(path) => {
@@ -80,23 +102,45 @@ impl Tls {
                 .with_no_client_auth(),
         };
         config.resumption = Resumption::disabled();
+        let name = options.name;
         let name = ServerName::try_from(name.to_string())
             .map_err(|e| format!("bad value for --tls-name: {name:?}: {e}"))?;
+        let config = Arc::new(config);
         Ok(Tls {
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: TlsConnector::from(Arc::clone(&config)),
+            config,
             name,
             verify: if ca.is_some() {
                 Verify::Ca
             } else {
                 Verify::Nothing
             },
+            resume: options.resume,
             settled: Arc::default(),
+            kinds: Arc::default(),
         })
+    }
+
+    /// The configuration for one client loop: with `--resume`, one with a session store of its
+    /// own, so that each connection offers the session of the loop's previous one (TLS 1.3: a
+    /// ticket it sent; TLS 1.2: a ticket, or the session ID).
+    pub fn for_one_loop(&self) -> Tls {
+        if !self.resume {
+            return self.clone();
+        }
+        let mut config = ClientConfig::clone(&self.config);
+        config.resumption = Resumption::in_memory_sessions(4);
+        Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+            ..self.clone()
+        }
     }
 
     /// The client side of a handshake over `tcp`.
     pub async fn handshake(&self, tcp: TcpStream) -> io::Result<Stream> {
         let s = self.connector.connect(self.name.clone(), tcp).await?;
+        let resumed = s.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
+        self.kinds[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
         self.settled.get_or_init(|| {
             let c = s.get_ref().1;
             let name = |v: Option<String>| v.unwrap_or_else(|| "?".into());
@@ -128,7 +172,12 @@ impl Tls {
             Verify::Ca => "ca",
             Verify::Nothing => "none",
         });
-        v["resumption"] = json!(false);
+        v["resumption"] = json!(self.resume);
+        // Over the whole run, warm-up included.
+        v["handshakes"] = json!({
+            "full": self.kinds[0].load(Ordering::Relaxed),
+            "resumed": self.kinds[1].load(Ordering::Relaxed),
+        });
         v
     }
 }

@@ -63,6 +63,18 @@ pub struct Args {
     #[argh(option)]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// TLS sessions kept in memory for returning clients to resume (an abbreviated handshake),
+    /// 0 for none, at most 1000000; with tickets on, only TLS 1.2 clients that take no tickets
+    /// need them (default 10000, about 4 MiB when full)
+    #[argh(option)]
+    pub tls_session_cache: Option<usize>,
+
+    /// on or off: give TLS clients session tickets to resume with, sealed by a random key
+    /// replaced every 6 hours (a ticket opens for 12); see docs/operations.md for what that
+    /// means for forward secrecy (default on)
+    #[argh(option, from_str_fn(on_off))]
+    pub tls_tickets: Option<bool>,
+
     /// seconds a TLS client may take over its handshake before it is closed (default 10)
     #[argh(option, default = "10", from_str_fn(at_least_one_u64))]
     pub tls_handshake_timeout: u64,
@@ -157,6 +169,14 @@ fn octal_mode(value: &str) -> Result<u32, String> {
         _ => Err(format!(
             "{value:?} is not a file mode: octal permission bits such as 600 or 0660"
         )),
+    }
+}
+
+fn on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{value:?}: expected on or off")),
     }
 }
 

@@ -175,9 +175,14 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
             ))
         }
         (None, None) => {
-            if args.tls_port.is_some() || args.tls_client_ca.is_some() {
+            if args.tls_port.is_some()
+                || args.tls_client_ca.is_some()
+                || args.tls_session_cache.is_some()
+                || args.tls_tickets.is_some()
+            {
                 return Err(usage(
-                    "--tls-port and --tls-client-ca need --tls-cert and --tls-key",
+                    "--tls-port, --tls-client-ca, --tls-session-cache and --tls-tickets \
+                     need --tls-cert and --tls-key",
                 ));
             }
             return Ok(None);
@@ -186,6 +191,12 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
     let mut tls = taskserve::TlsConfig::from_pem_files(cert, key)?;
     if let Some(ca) = &args.tls_client_ca {
         tls = tls.with_client_ca_file(ca)?;
+    }
+    if let Some(sessions) = args.tls_session_cache {
+        tls = tls.with_session_cache(sessions)?;
+    }
+    if let Some(tickets) = args.tls_tickets {
+        tls = tls.with_session_tickets(tickets)?;
     }
     Ok(Some(tls))
 }
