@@ -3,8 +3,8 @@
 //!   well-behaved session failed;
 //! - faults: each misbehaving client met the outcome the server promises (closed in time);
 //! - counts: the server has no connection open, its counts add up (accepted equals refused
-//!   plus open plus closed, by reason), it accepted exactly the connections the clients made,
-//!   no scrape failed and no counter went down;
+//!   plus open plus closed, by reason), none ended in a panic, it accepted exactly the
+//!   connections the clients made, no scrape failed and no counter went down;
 //! - resources: the server's RSS and open descriptors are within 5 % (RSS: or 1 MiB) of their
 //!   level after the warm-up (the first sample after 15 % of the run, and at least 10 s in,
 //!   when memory has grown to what the load needs), its descriptors back to their level
@@ -103,6 +103,16 @@ fn counts(soak: &Soak, m: &Metrics, failures: &mut Vec<String>) -> Value {
     if accepted != refused + open + closed {
         failures.push(format!(
             "accepted {accepted} != refused {refused} + open {open} + closed {closed}"
+        ));
+    }
+    let panics = m
+        .by_label("taskserve_connections_closed_total")
+        .get("handler_panic")
+        .copied();
+    if panics.unwrap_or(0) > 0 {
+        failures.push(format!(
+            "{} connections ended in a panic",
+            panics.unwrap_or(0)
         ));
     }
     if accepted != connects {
