@@ -426,7 +426,39 @@ fn echo_proxy_from_takes_a_list_of_networks() {
     let (code, _, stderr) = run_echo(&["--port", "0", "--proxy-from", "10.0.0.0/8"]);
     assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("--proxy-from needs --proxy-protocol"),
+        stderr.contains("--proxy-from needs --proxy-protocol or --proxy-port"),
         "{stderr}"
     );
+}
+
+/// `--proxy-port`: a PROXY listener beside a plain one, in one process, each with its own rule.
+#[test]
+fn echo_proxy_port_expects_the_header_there_and_only_there() {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_echo"));
+    command.env("RUST_LOG", "info");
+    let mut server = EchoProcess::start_with(command, &["--proxy-port", "0", "--threads", "1"]);
+    let line = server.next_line();
+    let proxied: std::net::SocketAddr = line
+        .strip_prefix("listening on ")
+        .and_then(|rest| rest.strip_suffix(" (proxy)"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("a line for the PROXY listener: {line:?}"));
+    let mut log = server.stderr_lines();
+
+    // On --proxy-port the header names the client, and no payload byte is lost.
+    let mut client = connect(proxied);
+    client
+        .write_all(&proxy_v1(addr("192.0.2.7:40000"), proxied))
+        .unwrap();
+    round_trip(&mut client, b"hello");
+    let from = log.find(|line| line.contains("Connection from"));
+    assert!(from.contains("Connection from 192.0.2.7:40000"), "{from}");
+    // There, a client without a header is closed at once, with nothing echoed.
+    let mut bare = connect(proxied);
+    bare.write_all(b"hello\r\n").unwrap();
+    let (echoed, _) = read_to_close(&mut bare);
+    assert!(echoed.is_empty(), "{:?}", String::from_utf8_lossy(&echoed));
+    // On --port, a header is data like any other.
+    let mut plain = connect(server.addr);
+    exchange(&mut plain, b"PROXY UNKNOWN\r\n", b"GOT:PROXY UNKNOWN\r\n");
 }

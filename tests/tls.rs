@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::tls::*;
 use common::*;
 use taskserve::rustls::ClientConfig;
-use taskserve::{ConnectionInfo, Server, TlsConfig, TlsInfo, Transport};
+use taskserve::{CloseReason, ConnectionInfo, Server, TlsConfig, TlsInfo, Transport};
 
 /// The TLS details a handler saw, waited for within [`PATIENCE`].
 fn reported_tls(reports: &mpsc::Receiver<ConnectionInfo>) -> (Transport, TlsInfo) {
@@ -193,6 +193,11 @@ fn garbage_and_plaintext_on_the_tls_port_are_closed_promptly() {
         println!("{what} on the TLS port: closed in {closed_in:?}");
     }
     assert!(eventually(|| server.connections() == 0));
+    // Each a failed handshake: rustls is not asked to fail the same bytes twice (its debug
+    // builds assert that a session sends one fatal alert, and the connection panicked).
+    let stats = server.stats();
+    assert_eq!(stats.closed(CloseReason::HandlerPanic), 0);
+    assert_eq!(stats.closed(CloseReason::HandshakeFailed), 2);
     // And the port still serves TLS.
     let mut client =
         tls_connect(server.local_addr().unwrap(), &files.client(), "localhost").unwrap();

@@ -203,6 +203,34 @@ impl Builder {
         self
     }
 
+    /// Listens on `addr` for plain TCP clients that each start with a PROXY protocol header, as
+    /// `proxy` describes (trusted sources, timeout), whatever [`Builder::proxy_protocol`] says
+    /// for the other listeners: so one server can serve a load balancer on one port and
+    /// clients directly on another.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    ///
+    /// let server = taskserve::Server::builder()
+    ///     .listen_tcp("127.0.0.1:0")
+    ///     .listen_proxy("127.0.0.1:0", taskserve::ProxyProtocol::new())
+    ///     .start(taskserve::echo)?;
+    /// let behind_proxy = server.local_addrs()[1].0.to_string();
+    /// let mut client = std::net::TcpStream::connect(behind_proxy)?;
+    /// client.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25000\r\nhello")?;
+    /// let mut reply = [0; 9];
+    /// client.read_exact(&mut reply)?;
+    /// assert_eq!(&reply, b"GOT:hello");
+    /// server.stop();
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn listen_proxy(mut self, addr: impl ToSocketAddrs, proxy: ProxyProtocol) -> Self {
+        self.endpoints.push(Endpoint::tcp_proxy(addr, proxy));
+        self
+    }
+
     /// Listens on a Unix domain socket at `path`. A socket file left by a server that
     /// crashed is replaced, but only when nothing answers on it: a live one is an "address in
     /// use" error. The file is removed when the server stops.
@@ -340,6 +368,7 @@ impl Builder {
     /// with it, a connection without a valid header is closed; on one without, a header is
     /// data like any other. Unix socket listeners are not affected. The header is read in the
     /// connection's own task, before any TLS handshake, within [`ProxyProtocol::timeout`].
+    /// A listener of [`Builder::listen_proxy`] keeps its own configuration.
     ///
     /// # Examples
     ///

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 use super::listener::{ListenOptions, Listener};
+use super::proxy::ProxyProtocol;
 #[cfg(unix)]
 use super::systemd;
 use super::tcp;
@@ -21,6 +22,9 @@ pub(crate) enum Endpoint {
         /// Resolved when the builder is given the address; an error waits for `start`.
         addrs: Result<Vec<SocketAddr>, (io::ErrorKind, String)>,
         tls: Option<TlsConfig>,
+        /// A PROXY header first on this listener whatever the builder's options say
+        /// (`Builder::listen_proxy`); `None` leaves it to them.
+        proxy: Option<ProxyProtocol>,
     },
     #[cfg(unix)]
     Unix(PathBuf),
@@ -32,11 +36,20 @@ pub(crate) enum Endpoint {
 
 impl Endpoint {
     pub(crate) fn tcp(addr: impl ToSocketAddrs, tls: Option<TlsConfig>) -> Self {
-        let addrs = addr
-            .to_socket_addrs()
-            .map(Iterator::collect)
-            .map_err(|e| (e.kind(), format!("cannot resolve the address to bind: {e}")));
-        Endpoint::Tcp { addrs, tls }
+        Endpoint::Tcp {
+            addrs: resolve(addr),
+            tls,
+            proxy: None,
+        }
+    }
+
+    /// A TCP address whose clients each start with a PROXY header, as `proxy` describes.
+    pub(crate) fn tcp_proxy(addr: impl ToSocketAddrs, proxy: ProxyProtocol) -> Self {
+        Endpoint::Tcp {
+            addrs: resolve(addr),
+            tls: None,
+            proxy: Some(proxy),
+        }
     }
 
     #[cfg(unix)]
@@ -47,11 +60,22 @@ impl Endpoint {
     /// Binds the endpoint: one listener, or for systemd's sockets as many as were passed.
     pub(crate) fn bind(&self, options: &ListenOptions) -> io::Result<Vec<Listener>> {
         let listener = match self {
-            Endpoint::Tcp { addrs, tls } => {
+            Endpoint::Tcp { addrs, tls, proxy } => {
                 let addrs = addrs
                     .as_ref()
                     .map_err(|(kind, message)| io::Error::new(*kind, message.clone()))?;
                 let listener = tcp::bind(addrs, options.backlog, options.reuse_port)?;
+                let own;
+                let options = match proxy {
+                    Some(proxy) => {
+                        own = ListenOptions {
+                            proxy: Some(proxy.clone()),
+                            ..options.clone()
+                        };
+                        &own
+                    }
+                    None => options,
+                };
                 Listener::tcp(listener, options, tls.as_ref())?
             }
             #[cfg(unix)]
@@ -64,4 +88,11 @@ impl Endpoint {
         };
         Ok(vec![listener])
     }
+}
+
+/// The addresses to bind; an error is kept for `start` to report.
+fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>, (io::ErrorKind, String)> {
+    addr.to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| (e.kind(), format!("cannot resolve the address to bind: {e}")))
 }

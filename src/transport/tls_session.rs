@@ -583,23 +583,17 @@ impl Tls {
 
     /// After rustls failed the session, sends the alert it has for the client, if the socket
     /// takes it at once: the session ends either way. `incoming` is what rustls left of the
-    /// bytes it failed on, which it may still point into.
+    /// bytes it failed on, which it may still point into. Asked once: rustls hands out the
+    /// alert it queued as it failed; asked again, it would read the same bytes, fail again and
+    /// queue a second fatal alert (which its debug builds assert never happens: the
+    /// connection's task panicked on any garbage sent to a TLS port).
     fn send_alert(&mut self, incoming: &mut [u8]) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(incoming);
-            match state {
-                Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    if append(&mut self.held_out, |out| {
-                        data.encode(out).map_err(encode_error)
-                    })
-                    .is_err()
-                    {
-                        break;
-                    }
-                }
-                Ok(ConnectionState::TransmitTlsData(data)) => data.done(),
-                _ => break,
-            }
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(incoming);
+        if let Ok(ConnectionState::EncodeTlsData(mut data)) = state {
+            // Ignored, as the send below: the session ends anyway.
+            let _ = append(&mut self.held_out, |out| {
+                data.encode(out).map_err(encode_error)
+            });
         }
         let held = &self.held_out[self.held_out_sent..];
         if !held.is_empty() {

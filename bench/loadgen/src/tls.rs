@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -27,8 +27,8 @@ use tokio_rustls::rustls::crypto::{ring, verify_tls12_signature, verify_tls13_si
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{
-    ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, SignatureScheme,
-    SupportedProtocolVersion,
+    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, RootCertStore,
+    SignatureScheme, SupportedProtocolVersion,
 };
 use tokio_rustls::TlsConnector;
 
@@ -153,6 +153,18 @@ impl Tls {
         Ok(Stream::Tls(Box::new(s)))
     }
 
+    /// The first bytes a client sends in a handshake (its ClientHello), for clients that
+    /// stop or reset in the middle of one.
+    pub fn client_hello(&self) -> Vec<u8> {
+        let config = self.connector.config().clone();
+        let mut conn = ClientConnection::new(config, self.name.clone()).expect("a client session");
+        let mut hello = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut hello).expect("writing to a Vec");
+        }
+        hello
+    }
+
     /// For the report: how the server was checked and what the first handshake settled.
     pub fn json(&self) -> Value {
         let mut v = self.settled.get().cloned().unwrap_or_else(|| json!({}));
@@ -170,11 +182,13 @@ impl Tls {
     }
 }
 
-/// A connection as every mode uses it: plain TCP, or TLS over TCP. Write, then
-/// flush: rustls may keep what the socket did not take until the next write.
+/// A connection as every mode uses it: plain TCP, TLS over TCP, or (soak) a Unix
+/// socket. Write, then flush: rustls may keep what the socket did not take until the
+/// next write.
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl AsyncRead for Stream {
@@ -186,6 +200,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -199,6 +214,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -206,6 +222,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -214,6 +231,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

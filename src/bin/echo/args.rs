@@ -107,12 +107,18 @@ pub struct Args {
     #[argh(switch)]
     pub proxy_protocol: bool,
 
-    /// with --proxy-protocol, the networks trusted to send the header, CIDR[,CIDR...]; others
-    /// are closed at once (default 127.0.0.0/8,::1: loopback only)
+    /// also listen on this port for plain TCP clients that each start with a PROXY protocol
+    /// header (from a load balancer), and keep --port as it is
+    #[argh(option)]
+    pub proxy_port: Option<u16>,
+
+    /// with --proxy-protocol or --proxy-port, the networks trusted to send the header,
+    /// CIDR[,CIDR...]; others are closed at once (default 127.0.0.0/8,::1: loopback only)
     #[argh(option, from_str_fn(cidr_list))]
     pub proxy_from: Option<Vec<taskserve::Cidr>>,
 
-    /// with --proxy-protocol, seconds a client has to send its whole header (default 5)
+    /// with --proxy-protocol or --proxy-port, seconds a client has to send its whole header
+    /// (default 5)
     #[argh(option, default = "5", from_str_fn(at_least_one_u64))]
     pub proxy_timeout: u64,
 

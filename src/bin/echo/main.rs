@@ -80,7 +80,7 @@ fn run(args: &Args) -> io::Result<()> {
     let activated = setup::socket_activated();
     let server = setup::builder(args)?.start(taskserve::echo)?;
     setup::warn_of_inherited_sockets_on_all_interfaces(args, activated, &server);
-    for line in setup::listening_lines(&server) {
+    for line in setup::listening_lines(&server, args) {
         // A closed stdout does not stop the server. ripgrep exits quietly on a broken pipe
         // because its output is its whole job and nobody wants it any more; a server's job is
         // the network, and stdout only announces the address to whoever started it, who may

@@ -28,8 +28,9 @@ pub fn builder(args: &Args) -> io::Result<Builder> {
         .stop_on_signals(true)
         .reuse_port(args.reuse_port)
         .notify_systemd(true);
-    if let Some(proxy) = proxy_protocol(args)? {
-        builder = builder.proxy_protocol(proxy);
+    let proxy = proxy_protocol(args)?;
+    if let Some(proxy) = proxy.as_ref().filter(|_| args.proxy_protocol) {
+        builder = builder.proxy_protocol(proxy.clone());
     }
     if let Some(max) = args.max_connections_per_ip {
         builder = builder.max_connections_per_ip(max);
@@ -37,15 +38,16 @@ pub fn builder(args: &Args) -> io::Result<Builder> {
     if let Some(seconds) = args.keepalive {
         builder = builder.keepalive(Duration::from_secs(seconds));
     }
-    listeners(builder, args, tls)
+    listeners(builder, args, tls, proxy)
 }
 
 /// The listeners the flags ask for: --port (or systemd's sockets in its place), --tls-port,
-/// --unix, --metrics.
+/// --unix, --proxy-port (last, so that its listening line is the last one), --metrics.
 fn listeners(
     mut builder: Builder,
     args: &Args,
     tls: Option<taskserve::TlsConfig>,
+    proxy: Option<taskserve::ProxyProtocol>,
 ) -> io::Result<Builder> {
     if socket_activated() {
         // Started by systemd (or systemd-socket-activate): its sockets take --port's place.
@@ -65,12 +67,15 @@ fn listeners(
         (None, Some(_)) => return Err(usage("--unix-mode needs --unix, the socket it is for")),
         (None, None) => {}
     }
+    if let (Some(proxy), Some(port)) = (proxy, args.proxy_port) {
+        builder = builder.listen_proxy(&resolve(&args.host, port)?[..], proxy);
+    }
     if let Some(addr) = &args.metrics {
         builder = builder.listen_metrics(&metrics_addrs(addr)?[..]);
     }
-    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() {
+    if args.no_tcp && args.unix.is_none() && args.tls_port.is_none() && args.proxy_port.is_none() {
         return Err(usage(
-            "--no-tcp leaves nothing to listen on: add --unix or --tls-port",
+            "--no-tcp leaves nothing to listen on: add --unix, --tls-port or --proxy-port",
         ));
     }
     Ok(builder)
@@ -96,17 +101,22 @@ fn metrics_addrs(addr: &str) -> io::Result<Vec<SocketAddr>> {
 
 /// One line per listener, on stdout whatever the log level, all printed before serving:
 /// `listening on 127.0.0.1:25000 (4 threads)` first, in the form scripts parse, then
-/// `listening on 127.0.0.1:25443 (tls)` or `listening on /run/echo.sock (unix)`.
-pub fn listening_lines(server: &taskserve::Server) -> Vec<String> {
+/// `listening on 127.0.0.1:25443 (tls)`, `listening on /run/echo.sock (unix)` or
+/// `listening on 127.0.0.1:25001 (proxy)`.
+pub fn listening_lines(server: &taskserve::Server, args: &Args) -> Vec<String> {
     let threads = server.threads();
     let threads = format!("{threads} thread{}", if threads == 1 { "" } else { "s" });
-    let mut lines: Vec<String> = server
-        .local_addrs()
+    let listeners = server.local_addrs();
+    // `listeners` adds the --proxy-port listener last.
+    let proxy = args.proxy_port.map(|_| listeners.len() - 1);
+    let mut lines: Vec<String> = listeners
         .iter()
         .enumerate()
         .map(|(n, (addr, transport))| {
             let mut notes = Vec::new();
-            if *transport != taskserve::Transport::Tcp {
+            if Some(n) == proxy {
+                notes.push("proxy".to_string());
+            } else if *transport != taskserve::Transport::Tcp {
                 notes.push(transport.to_string());
             }
             if n == 0 {
@@ -216,11 +226,12 @@ fn listen_systemd(
     Err(usage("socket activation is not available on this system"))
 }
 
-/// The PROXY protocol configuration the flags ask for, if any.
+/// The PROXY protocol configuration the flags ask for, if any: for every TCP and TLS listener
+/// (--proxy-protocol), for the --proxy-port one, or both.
 fn proxy_protocol(args: &Args) -> io::Result<Option<taskserve::ProxyProtocol>> {
-    if !args.proxy_protocol {
+    if !args.proxy_protocol && args.proxy_port.is_none() {
         if args.proxy_from.is_some() {
-            return Err(usage("--proxy-from needs --proxy-protocol"));
+            return Err(usage("--proxy-from needs --proxy-protocol or --proxy-port"));
         }
         return Ok(None);
     }
