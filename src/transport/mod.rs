@@ -23,6 +23,8 @@ pub(crate) mod tls;
 #[cfg(feature = "tls")]
 mod tls_errors;
 #[cfg(feature = "tls")]
+mod tls_io;
+#[cfg(feature = "tls")]
 pub(crate) mod tls_session;
 #[cfg(not(feature = "tls"))]
 pub(crate) use tls as tls_session;
