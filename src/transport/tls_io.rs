@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, ReadTraffic, UnbufferedStatus, WriteTraffic,
+};
 use smol::Async;
 
 use super::tcp::{recv, send};
@@ -248,13 +250,8 @@ impl Tls {
                 }
             };
             let reached = match state {
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        let record =
-                            record.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        used += record.discard;
-                        deliver(&mut self.plaintext, record.payload, intent);
-                    }
+                ConnectionState::ReadTraffic(records) => {
+                    used += read_records(records, &mut self.plaintext, intent)?;
                     // A read that got its bytes and left none behind is done: asking rustls
                     // again would only say it needs more.
                     let rest = incoming.len() - used - discard;
@@ -282,24 +279,13 @@ impl Tls {
                     None
                 }
                 ConnectionState::Closed => Some(Reached::Closed),
-                ConnectionState::WriteTraffic(mut traffic) => Some(match intent {
-                    Intent::Handshake => Reached::NeedData,
-                    Intent::Read { filled, .. } if *filled > 0 || self.peer_closed => Reached::Done,
-                    Intent::Read { .. } => Reached::NeedData,
-                    Intent::Write(data) => {
-                        let (held, socket) = (&mut self.held_out, &self.socket);
-                        encrypt_and_send(held, socket, |out| {
-                            traffic.encrypt(data, out).map_err(encrypt_error)
-                        })?;
-                        Reached::Done
-                    }
-                    Intent::CloseNotify => {
-                        append(&mut self.held_out, |out| {
-                            traffic.queue_close_notify(out).map_err(encrypt_error)
-                        })?;
-                        Reached::Done
-                    }
-                }),
+                ConnectionState::WriteTraffic(traffic) => Some(write_traffic(
+                    traffic,
+                    intent,
+                    &mut self.held_out,
+                    &self.socket,
+                    self.peer_closed,
+                )?),
                 _ => {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -342,6 +328,50 @@ impl Tls {
             let _ = send(self.socket.get_ref(), held);
         }
     }
+}
+
+/// Hands each decrypted record to the reader, as much as its buffer takes, and keeps the rest.
+/// Returns the bytes to discard beyond what rustls's status said.
+fn read_records<D>(
+    mut records: ReadTraffic<'_, '_, D>,
+    plaintext: &mut Vec<u8>,
+    intent: &mut Intent<'_>,
+) -> io::Result<usize> {
+    let mut discard = 0;
+    while let Some(record) = records.next_record() {
+        let record = record.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        discard += record.discard;
+        deliver(plaintext, record.payload, intent);
+    }
+    Ok(discard)
+}
+
+/// What `intent` comes to once rustls may send application data: the handshake is waiting for
+/// the client, a read for its bytes (or done), a write or close_notify is encrypted and sent.
+fn write_traffic<D>(
+    mut traffic: WriteTraffic<'_, D>,
+    intent: &mut Intent<'_>,
+    held_out: &mut Vec<u8>,
+    socket: &Async<TcpStream>,
+    peer_closed: bool,
+) -> io::Result<Reached> {
+    Ok(match intent {
+        Intent::Handshake => Reached::NeedData,
+        Intent::Read { filled, .. } if *filled > 0 || peer_closed => Reached::Done,
+        Intent::Read { .. } => Reached::NeedData,
+        Intent::Write(data) => {
+            encrypt_and_send(held_out, socket, |out| {
+                traffic.encrypt(data, out).map_err(encrypt_error)
+            })?;
+            Reached::Done
+        }
+        Intent::CloseNotify => {
+            append(held_out, |out| {
+                traffic.queue_close_notify(out).map_err(encrypt_error)
+            })?;
+            Reached::Done
+        }
+    })
 }
 
 /// Gives a decrypted record to the reader, as much as its buffer takes, and keeps the rest.
