@@ -188,12 +188,13 @@ fn raise_open_file_limit() {
 /// connected before it; `beside` runs on its own thread during the storm (until its flag is
 /// set). Checks that every attempt ended, the ping-pong client's round trips all succeeded
 /// before, during and after, and no more handlers ran at once than the limit; returns the
-/// storm, with the children that still hold its served connections.
+/// storm, with the children that still hold its served connections, and the ping-pong client,
+/// whose connection is open until it is dropped.
 fn storm_with_ping_pong(
     server: &Server,
     gauge: &Gauge,
     beside: impl FnOnce(&AtomicBool) + Send,
-) -> (Storm, StormChildren) {
+) -> (Storm, StormChildren, PingPong) {
     let addr = server.local_addr().unwrap();
     let mut children = StormChildren::start(server);
     let mut ping_pong = PingPong::connect(addr);
@@ -235,7 +236,7 @@ fn storm_with_ping_pong(
     );
     let peak = gauge.peak.load(Ordering::SeqCst);
     assert!(peak <= MAX_CONNECTIONS, "{peak} served at once");
-    (storm, children)
+    (storm, children, ping_pong)
 }
 
 /// Sets its flag when dropped, by a return or a panic.
@@ -270,7 +271,7 @@ fn after_the_storm(server: &Server, children: StormChildren) {
 #[ignore = "needs 11,000 open files a process and 20,000 loopback connections: bash .ci/run runs it"]
 fn storm_past_max_connections_is_refused_at_once_while_a_connected_client_is_served() {
     let (_turn, gauge, server) = start_storm_server(Server::builder());
-    let (storm, children) = storm_with_ping_pong(&server, &gauge, |_| {});
+    let (storm, children, ping_pong) = storm_with_ping_pong(&server, &gauge, |_| {});
     // The ping-pong client holds one slot and the storm's served clients hold theirs: exactly
     // the limit is served, and every other attempt was refused.
     assert_eq!(storm.served, MAX_CONNECTIONS - 1);
@@ -283,6 +284,8 @@ fn storm_past_max_connections_is_refused_at_once_while_a_connected_client_is_ser
         "{stats:?}"
     );
     assert!(counts_add_up(&stats), "{stats:?}");
+    // Held until the counts above were read: dropped earlier, its close raced them.
+    drop(ping_pong);
     after_the_storm(&server, children);
 }
 
@@ -308,7 +311,7 @@ fn storm_from_one_address_is_refused_at_its_limit_while_other_addresses_are_serv
             }
         }
     };
-    let (storm, children) = storm_with_ping_pong(&server, &gauge, newcomers);
+    let (storm, children, ping_pong) = storm_with_ping_pong(&server, &gauge, newcomers);
     let newcomers = newcomers_served.load(Ordering::SeqCst);
     println!("{newcomers} clients from {OTHERS} served during the storm");
     assert_eq!(storm.served, PER_IP);
@@ -325,5 +328,6 @@ fn storm_from_one_address_is_refused_at_its_limit_while_other_addresses_are_serv
         "{:?}",
         server.stats()
     );
+    drop(ping_pong);
     after_the_storm(&server, children);
 }
