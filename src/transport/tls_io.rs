@@ -137,9 +137,19 @@ impl Tls {
             // only get the same answer: a wait for data starts with the read.
             if !self.wants_bytes {
                 let (used, reached) = self.process(&mut buf[..*len], intent)?;
-                buf.copy_within(used..*len, 0);
+                if used > 0 && used < *len {
+                    buf.copy_within(used..*len, 0);
+                }
                 *len -= used;
                 if reached != Reached::NeedData {
+                    // A read that used every byte received leaves rustls nothing to do until
+                    // more come (the records it read were all application data, or it would
+                    // still hold some), so the next read starts at the socket: one call into
+                    // rustls a request fewer.
+                    self.wants_bytes = reached == Reached::Done
+                        && *len == 0
+                        && matches!(intent, Intent::Read { .. })
+                        && !self.peer_closed;
                     return Poll::Ready(Ok(reached));
                 }
                 self.wants_bytes = true;

@@ -262,7 +262,9 @@ impl Session {
     ) -> Poll<io::Result<Reached>> {
         INCOMING.with_borrow_mut(|buf| {
             let mut len = self.held_in.len();
-            buf[..len].copy_from_slice(&self.held_in);
+            if len > 0 {
+                buf[..len].copy_from_slice(&self.held_in);
+            }
             let progress = self.tls.poll_receive(cx, buf, &mut len, intent);
             if len == 0 {
                 self.held_in = Vec::new();
