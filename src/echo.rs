@@ -12,7 +12,7 @@ use smol::{future, Async};
 
 use crate::conn::connection::Connection;
 use crate::observe::meter::Meter;
-use crate::transport::{recv, send};
+use crate::transport::{recv, send, ReadableWait};
 
 /// The most bytes [`echo`] reads at once, so the largest chunk a reply carries after `GOT:`.
 ///
@@ -97,7 +97,13 @@ impl<T, L: Future<Output = T>, R: Future<Output = T>> Future for Either<L, R> {
 async fn echo_buffered(mut stream: Connection) -> io::Result<()> {
     let mut budget = Budget::default();
     loop {
-        match future::poll_fn(|cx| poll_answer(&mut stream, cx)).await? {
+        let mut waited = Waited(false);
+        let answered = future::poll_fn(|cx| {
+            let answered = poll_answer(&mut stream, cx);
+            waited.0 |= answered.is_pending();
+            answered
+        });
+        match answered.await? {
             Answered::Fully { .. } => {}
             // The client is slow to read: finish this reply before reading anything more.
             Answered::Partly(unsent) => stream.write_all(&unsent).await?,
@@ -105,7 +111,7 @@ async fn echo_buffered(mut stream: Connection) -> io::Result<()> {
             Answered::EndOfStream => return stream.close().await,
         }
         stream.flush().await?;
-        budget.spend().await;
+        budget.spend(waited).await;
     }
 }
 
@@ -138,15 +144,16 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>, meter: Arc<Meter>) -> 
     let mut budget = Budget::default();
     // Wait for readiness before reading, so an idle connection holds no buffer: the read goes
     // into the worker thread's buffer only once there is something to read.
-    wait_readable(&stream).await?;
+    let mut waited = wait_readable(&stream).await?;
     loop {
         match answer_one_chunk(stream.get_ref(), &meter) {
             Ok(Answered::Fully { filled_buffer }) => {
-                budget.spend().await;
+                budget.spend(waited).await;
+                waited = Waited(false);
                 // A short read means the socket is drained (the hint tokio uses too): wait for
                 // the next data instead of paying a read that would only say "would block".
                 if !filled_buffer {
-                    wait_readable(&stream).await?;
+                    waited = wait_readable(&stream).await?;
                 }
             }
             Ok(Answered::Partly(unsent)) => {
@@ -156,10 +163,13 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>, meter: Arc<Meter>) -> 
                 meter.add_written(unsent.len());
                 // A client that reads at just the pace of these writes never makes them wait:
                 // the chunk counts against the budget too.
-                budget.spend().await;
+                budget.spend(waited).await;
+                waited = Waited(false);
             }
             Ok(Answered::EndOfStream) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&stream).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                waited = wait_readable(&stream).await?;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -168,6 +178,10 @@ async fn echo_on(stream: Arc<Async<std::net::TcpStream>>, meter: Arc<Meter>) -> 
 /// Chunks a connection may still answer before it gives its worker thread back to other tasks.
 struct Budget(u32);
 
+/// Whether the task waited for what came before (and so gave its thread back meanwhile).
+#[derive(Clone, Copy, Default)]
+struct Waited(bool);
+
 impl Default for Budget {
     fn default() -> Self {
         Budget(CHUNKS_BEFORE_YIELD)
@@ -175,7 +189,13 @@ impl Default for Budget {
 }
 
 impl Budget {
-    async fn spend(&mut self) {
+    /// Counts a chunk answered. A task that waited for it has given its thread back since the
+    /// last chunk, so the count starts afresh: a client that waits for each reply (most do) never
+    /// yields for nothing, and only one that streams without pause does.
+    async fn spend(&mut self, waited: Waited) {
+        if waited.0 {
+            self.0 = CHUNKS_BEFORE_YIELD;
+        }
         self.0 -= 1;
         if self.0 == 0 {
             self.0 = CHUNKS_BEFORE_YIELD;
@@ -184,10 +204,19 @@ impl Budget {
     }
 }
 
-/// Waits until the socket is readable. `poll_readable` rather than `readable()`: the same wait
-/// without a guard object whose drop takes the socket's lock again, once per message.
-async fn wait_readable(stream: &Async<std::net::TcpStream>) -> io::Result<()> {
-    future::poll_fn(|cx| stream.poll_readable(cx)).await
+/// Waits until the socket is readable, or the task is woken once it waits (see
+/// [`ReadableWait`]): the read that follows tells, and waits again if it would block. Returns
+/// whether it waited. A poll function rather than `readable()`: the same wait without a guard
+/// object whose drop takes the socket's lock again, once per message.
+async fn wait_readable(stream: &Async<std::net::TcpStream>) -> io::Result<Waited> {
+    let (mut wait, mut waited) = (ReadableWait::default(), Waited(false));
+    future::poll_fn(|cx| {
+        let readable = wait.poll(stream, cx);
+        waited.0 |= readable.is_pending();
+        readable
+    })
+    .await?;
+    Ok(waited)
 }
 
 enum Answered {

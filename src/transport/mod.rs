@@ -36,4 +36,4 @@ mod unix;
 pub(crate) use endpoint::Endpoint;
 pub(crate) use listener::{Accepted, ListenOptions, Listener};
 pub(crate) use stream::Stream;
-pub(crate) use tcp::{recv, send};
+pub(crate) use tcp::{recv, send, ReadableWait};

@@ -14,7 +14,7 @@ use rustls::unbuffered::{
 };
 use smol::Async;
 
-use super::tcp::{recv, send};
+use super::tcp::{recv, send, ReadableWait};
 
 /// The most one read from the socket takes: a loopback segment holds up to 64 KiB.
 const SOCKET_READ: usize = 64 * 1024;
@@ -57,6 +57,7 @@ pub(super) struct Tls {
     /// The last read from the socket was short, so the socket is drained: wait for it to be
     /// readable rather than pay a read that would only say "would block".
     drained: bool,
+    readable: ReadableWait,
     /// rustls has processed every byte received and needs more to go on.
     wants_bytes: bool,
     /// The client closed its sending side (a read returned 0).
@@ -99,6 +100,7 @@ impl Tls {
             plaintext_read: 0,
             server_name: None,
             drained: false,
+            readable: ReadableWait::default(),
             wants_bytes: false,
             eof: false,
             peer_closed: false,
@@ -179,7 +181,7 @@ impl Tls {
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         loop {
             if self.drained {
-                ready!(self.socket.poll_readable(cx))?;
+                ready!(self.readable.poll(&self.socket, cx))?;
                 self.drained = false;
             }
             match recv(self.socket.get_ref(), buf) {
