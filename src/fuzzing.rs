@@ -58,7 +58,7 @@ pub fn tls_pem(data: &[u8]) {
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    let loaded = crate::transport::tls::load_pem_bytes(cert, key, parts.next());
+    let loaded = crate::transport::tls_files::load_pem_bytes(cert, key, parts.next());
     if let Err(e) = loaded {
         let message = e.to_string();
         assert!(!message.contains('\n'), "{message}");

@@ -23,6 +23,8 @@ pub(crate) mod tls;
 #[cfg(feature = "tls")]
 mod tls_errors;
 #[cfg(feature = "tls")]
+pub(crate) mod tls_files;
+#[cfg(feature = "tls")]
 mod tls_io;
 #[cfg(feature = "tls")]
 pub(crate) mod tls_session;
