@@ -32,6 +32,8 @@ pub(crate) mod tls_session;
 pub(crate) use tls as tls_session;
 #[cfg(feature = "tls")]
 mod tls_resumption;
+#[cfg(feature = "tls")]
+mod tls_tickets;
 #[cfg(unix)]
 mod unix;
 

@@ -1,6 +1,8 @@
 //! The files a TLS configuration is made of: which ones, how each is read, and how they make
-//! a rustls `ServerConfig` (`load`), at start and again on each reload.
+//! a rustls `ServerConfig` (`load`), at start and again on each reload. The certificate, its
+//! key and the client CAs are PEM; shared ticket keys are 80 random bytes each.
 
+use std::fs::Metadata;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +13,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{self, RootCertStore, ServerConfig};
 
 use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
-use super::tls_resumption::Resumption;
+use super::tls_resumption::{Resumption, Tickets};
+use super::tls_tickets::{TicketKey, TICKET_KEY_LEN};
 
 /// Where a [`TlsConfig`](super::tls::TlsConfig) comes from, and how it resumes sessions: what
 /// [`load`] reads, at start and on each reload.
@@ -23,7 +26,8 @@ pub(super) struct Files {
     pub(super) alpn: Vec<Vec<u8>>,
     /// Sessions kept in memory for clients to resume; 0 keeps none.
     pub(super) session_cache: usize,
-    pub(super) tickets: bool,
+    /// Whether tickets are given, and sealed with which key files.
+    pub(super) tickets: Tickets<PathBuf>,
 }
 
 /// Reads `files` into a configuration that resumes the sessions of `previous` if it may (see
@@ -35,9 +39,10 @@ pub(super) fn load(
     load_with(files, previous, read_pem_file)
 }
 
-/// As [`load`], the files' bytes read by `read`: the files' own ([`read_pem_file`]), or in the
-/// fuzz targets bytes in memory, which take the same path from there on. Each file is read once
-/// the one before it has loaded, so that the first mistake is the one reported.
+/// As [`load`], the PEM files' bytes read by `read`: the files' own ([`read_pem_file`]), or in
+/// the fuzz targets bytes in memory, which take the same path from there on (ticket key files
+/// are read from disk: the fuzz targets have none). Each file is read once the one before it
+/// has loaded, so that the first mistake is the one reported.
 fn load_with(
     files: &Files,
     previous: Option<Resumption>,
@@ -77,8 +82,15 @@ fn load_with(
         .with_single_cert(certs, key)
         .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
-    let resumption =
-        Resumption::renewed(previous, files.session_cache, files.tickets, client_roots)?;
+    let tickets = match &files.tickets {
+        Tickets::Off => Tickets::Off,
+        Tickets::ProcessKey => Tickets::ProcessKey,
+        Tickets::Shared { keys, lifetime } => Tickets::Shared {
+            keys: read_ticket_keys(keys)?,
+            lifetime: *lifetime,
+        },
+    };
+    let resumption = Resumption::renewed(previous, files.session_cache, tickets, client_roots)?;
     resumption.apply(&mut config);
     Ok((Arc::new(config), resumption))
 }
@@ -116,7 +128,7 @@ pub(crate) fn load_pem_bytes(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) 
         // No session cache (rustls would set room for every session aside on each input), no
         // ticket key: nothing that depends on the bytes.
         session_cache: 0,
-        tickets: false,
+        tickets: Tickets::Off,
     };
     load_with(&files, None, |path| {
         Ok(match path.to_str() {
@@ -132,27 +144,99 @@ pub(crate) fn load_pem_bytes(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) 
 /// The most a PEM file may hold: a certificate chain or a key takes a few KiB.
 const MAX_PEM_FILE: u64 = 1024 * 1024;
 
-/// The bytes of the PEM file at `path`. Refuses what is not a regular file, before opening it:
-/// opening a FIFO waits for a writer, and a device may never end. Refuses a file over
-/// [`MAX_PEM_FILE`], reading no more than that much.
+/// The bytes of the PEM file at `path`, refused if it is over [`MAX_PEM_FILE`] (reading no more
+/// than that much) or not a regular file.
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> {
     use rustls::pki_types::pem::Error;
+    let (pem, _) = read_regular_file(path, MAX_PEM_FILE).map_err(Error::Io)?;
+    if pem.len() as u64 > MAX_PEM_FILE {
+        return Err(Error::Io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "larger than 1 MiB, which no certificate chain or key is",
+        )));
+    }
+    Ok(pem)
+}
+
+/// The keys in the files at `paths`, in that order: the first seals tickets.
+fn read_ticket_keys(paths: &[PathBuf]) -> io::Result<Vec<TicketKey>> {
+    let mut keys: Vec<TicketKey> = Vec::with_capacity(paths.len());
+    for path in paths {
+        let key = TicketKey::new(&read_ticket_key(path)?);
+        // Tickets name the key that opens them: two keys of one name, one could not open its own.
+        if let Some(same) = keys.iter().position(|listed| listed.name() == key.name()) {
+            return Err(invalid_data(format!(
+                "{} has the key name of {} (their first 16 bytes are the same): list each TLS \
+                 ticket key once, each made by openssl rand 80",
+                path.display(),
+                paths[same].display()
+            )));
+        }
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// The 80 bytes of the ticket key file at `path`. Warns if its group or others may read it.
+fn read_ticket_key(path: &Path) -> io::Result<[u8; TICKET_KEY_LEN]> {
+    let name = path.display();
+    let (bytes, metadata) = read_regular_file(path, TICKET_KEY_LEN as u64)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot read TLS ticket key {name}: {e}")))?;
+    warn_if_open_to_others(path, &metadata);
+    let make = format!("make one with openssl rand 80 > {name}");
+    let wrong = match bytes.len() {
+        // 80 random bytes are all printable with a chance of 1 in 10^33: this was typed, or
+        // written by openssl rand -hex or -base64, and is far weaker than it looks.
+        _ if looks_like_text(&bytes) => "text".to_string(),
+        TICKET_KEY_LEN => return Ok(bytes.try_into().expect("80 bytes")),
+        n if n > TICKET_KEY_LEN => "longer".to_string(),
+        n => format!("{n} bytes"),
+    };
+    Err(invalid_data(format!(
+        "{name}: a TLS ticket key is 80 random bytes, and this file is {wrong}: {make}"
+    )))
+}
+
+/// Whether `bytes` are all printable ASCII or white space, as a typed or encoded key is.
+fn looks_like_text(bytes: &[u8]) -> bool {
+    !bytes.is_empty()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+}
+
+#[cfg(unix)]
+fn warn_if_open_to_others(path: &Path, metadata: &Metadata) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        log::warn!(
+            "{path} is open to its group or others (mode {mode:o}): whoever reads it can decrypt \
+             the TLS 1.2 sessions whose tickets it sealed; chmod 600 {path}",
+            path = path.display()
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_open_to_others(_: &Path, _: &Metadata) {}
+
+/// At most the first `max` + 1 bytes of the file at `path` (more than `max`: the caller says
+/// what is wrong), and its metadata. Refuses what is not a regular file, before opening it:
+/// opening a FIFO waits for a writer, and a device may never end.
+fn read_regular_file(path: &Path, max: u64) -> io::Result<(Vec<u8>, Metadata)> {
     use std::io::Read;
-    let refused = |why: &str| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, why));
-    if !std::fs::metadata(path).map_err(Error::Io)?.is_file() {
-        return Err(refused("not a regular file"));
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
     }
     // A FIFO put in its place since the check would still make this wait: the reload's own
     // deadline bounds that.
-    let file = std::fs::File::open(path).map_err(Error::Io)?;
-    let mut pem = Vec::new();
-    file.take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut pem)
-        .map_err(Error::Io)?;
-    if pem.len() as u64 > MAX_PEM_FILE {
-        return Err(refused(
-            "larger than 1 MiB, which no certificate chain or key is",
-        ));
-    }
-    Ok(pem)
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    Ok((bytes, metadata))
 }
