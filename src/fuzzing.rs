@@ -79,6 +79,9 @@ pub fn echo_args(data: &[u8]) {
         assert!((1..=args::MAX_THREADS).contains(&args.threads));
         assert!(args.max_connections >= 1 && args.tls_handshake_timeout >= 1);
         assert!(args.unix_mode.is_none_or(|mode| mode <= 0o777));
+        assert!(args
+            .tls_ticket_lifetime
+            .is_none_or(|seconds| (1..=args::MAX_TICKET_LIFETIME).contains(&seconds)));
     }
 }
 

@@ -146,7 +146,7 @@ fn bad_session_flags_are_usage_errors() {
         ),
         (&["--tls-session-cache", "-1"], "--tls-session-cache"),
         (&["--tls-session-cache", "many"], "--tls-session-cache"),
-        (&["--tls-tickets", "off"], "need --tls-cert and --tls-key"),
+        (&["--tls-tickets", "off"], "--tls-tickets needs --tls-cert"),
     ];
     for (flags, message) in cases {
         // The last case leaves the certificate out.

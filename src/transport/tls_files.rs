@@ -177,23 +177,26 @@ fn read_ticket_keys(paths: &[PathBuf]) -> io::Result<Vec<TicketKey>> {
     Ok(keys)
 }
 
-/// The 80 bytes of the ticket key file at `path`. Warns if its group or others may read it.
+/// The 80 bytes of the ticket key file at `path`. Warns if its group or others may read it (a
+/// file that does not load is an error alone).
 fn read_ticket_key(path: &Path) -> io::Result<[u8; TICKET_KEY_LEN]> {
     let name = path.display();
     let (bytes, metadata) = read_regular_file(path, TICKET_KEY_LEN as u64)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot read TLS ticket key {name}: {e}")))?;
-    warn_if_open_to_others(path, &metadata);
-    let make = format!("make one with openssl rand 80 > {name}");
     let wrong = match bytes.len() {
         // 80 random bytes are all printable with a chance of 1 in 10^33: this was typed, or
         // written by openssl rand -hex or -base64, and is far weaker than it looks.
         _ if looks_like_text(&bytes) => "text".to_string(),
-        TICKET_KEY_LEN => return Ok(bytes.try_into().expect("80 bytes")),
+        TICKET_KEY_LEN => {
+            warn_if_open_to_others(path, &metadata);
+            return Ok(bytes.try_into().expect("80 bytes"));
+        }
         n if n > TICKET_KEY_LEN => "longer".to_string(),
         n => format!("{n} bytes"),
     };
     Err(invalid_data(format!(
-        "{name}: a TLS ticket key is 80 random bytes, and this file is {wrong}: {make}"
+        "{name}: a TLS ticket key is 80 random bytes, and this file is {wrong}: make one with \
+         openssl rand 80 > {name}"
     )))
 }
 
