@@ -58,7 +58,7 @@ pub fn tls_pem(data: &[u8]) {
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    let loaded = crate::transport::tls::load_pem_bytes(cert, key, parts.next());
+    let loaded = crate::transport::tls_files::load_pem_bytes(cert, key, parts.next());
     if let Err(e) = loaded {
         let message = e.to_string();
         assert!(!message.contains('\n'), "{message}");
@@ -79,6 +79,9 @@ pub fn echo_args(data: &[u8]) {
         assert!((1..=args::MAX_THREADS).contains(&args.threads));
         assert!(args.max_connections >= 1 && args.tls_handshake_timeout >= 1);
         assert!(args.unix_mode.is_none_or(|mode| mode <= 0o777));
+        assert!(args
+            .tls_ticket_lifetime
+            .is_none_or(|seconds| (1..=args::MAX_TICKET_LIFETIME).contains(&seconds)));
     }
 }
 

@@ -204,7 +204,10 @@ fn bad_tls_flags_and_files_are_one_line_on_stderr_and_exit_1() {
     let cases: [(&[&str], &str); 7] = [
         (&["--tls-cert", cert], "--tls-cert needs --tls-key"),
         (&["--tls-key", key], "--tls-key needs --tls-cert"),
-        (&["--tls-port", "0"], "need --tls-cert and --tls-key"),
+        (
+            &["--tls-port", "0"],
+            "--tls-port needs --tls-cert and --tls-key",
+        ),
         (&["--tls-cert", missing, "--tls-key", key], missing),
         (
             &["--tls-cert", not_pem, "--tls-key", key],

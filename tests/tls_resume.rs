@@ -6,33 +6,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::tls::*;
 use common::*;
-use taskserve::rustls::{self, ClientConfig, HandshakeKind, SupportedProtocolVersion};
+use taskserve::rustls::{self, ClientConfig, HandshakeKind};
 use taskserve::Server;
-
-const VERSIONS: [(&str, &SupportedProtocolVersion); 2] = [
-    ("TLS 1.2", &rustls::version::TLS12),
-    ("TLS 1.3", &rustls::version::TLS13),
-];
-
-/// A client of `version` that trusts the test CA and keeps its sessions (rustls's default).
-fn client(files: &TlsFiles, version: &'static SupportedProtocolVersion) -> Arc<ClientConfig> {
-    client_config_for(&[version], &files.ca, None, &[])
-}
-
-/// Connects with `config`, checks a byte-exact echo, closes, and says how the handshake went.
-/// The echo also reads the TLS 1.3 tickets that the server sends after its handshake.
-fn visit(addr: SocketAddr, config: &Arc<ClientConfig>) -> HandshakeKind {
-    let mut stream = tls_connect(addr, config, "localhost").expect("TLS handshake");
-    tls_round_trip(&mut stream, &payload(2000)).expect("a byte-exact echo");
-    stream.conn.handshake_kind().expect("the handshake is done")
-}
 
 /// [`visit`]s `times` times, each handshake of `kind`.
 fn expect_visits(
@@ -64,8 +45,8 @@ fn a_returning_client_resumes_with_a_ticket_or_from_the_cache() {
     for (setting, tls) in configs {
         let server = start_tls_echo(Server::builder(), tls);
         let addr = server.local_addr().unwrap();
-        for (version, v) in VERSIONS {
-            let config = client(&files, v);
+        for (version, v) in TLS_VERSIONS {
+            let config = files.client_for(v);
             assert_eq!(
                 visit(addr, &config),
                 HandshakeKind::Full,
@@ -89,8 +70,8 @@ fn a_session_another_server_cannot_resume_falls_back_to_a_full_handshake() {
         Server::builder(),
         nothing.with_session_tickets(false).unwrap(),
     );
-    for (version, v) in VERSIONS {
-        let config = client(&files, v);
+    for (version, v) in TLS_VERSIONS {
+        let config = files.client_for(v);
         visit(first.local_addr().unwrap(), &config);
         let kind = visit(first.local_addr().unwrap(), &config);
         assert_eq!(kind, HandshakeKind::Resumed, "{version}: it has a session");
@@ -112,7 +93,7 @@ fn a_session_resumes_across_a_certificate_reload() {
     let files = TlsFiles::new();
     let server = start_tls_echo(Server::builder(), files.config());
     let addr = server.local_addr().unwrap();
-    let clients = VERSIONS.map(|(_, v)| client(&files, v));
+    let clients = TLS_VERSIONS.map(|(_, v)| files.client_for(v));
     for config in &clients {
         visit(addr, config);
     }
@@ -120,10 +101,10 @@ fn a_session_resumes_across_a_certificate_reload() {
     std::fs::write(&files.cert, &renewed.cert_pem).unwrap();
     std::fs::write(&files.key, &renewed.key_pem).unwrap();
     server.reload_tls().expect("reload the new pair");
-    for ((version, _), config) in VERSIONS.iter().zip(&clients) {
+    for ((version, _), config) in TLS_VERSIONS.iter().zip(&clients) {
         assert_eq!(visit(addr, config), HandshakeKind::Resumed, "{version}");
     }
-    let new_client = client(&files, &rustls::version::TLS13);
+    let new_client = files.client_for(&rustls::version::TLS13);
     let mut stream = tls_connect(addr, &new_client, "localhost").unwrap();
     assert_eq!(server_cert(&stream), renewed.cert, "a new client");
     tls_round_trip(&mut stream, b"hello").unwrap();
@@ -138,7 +119,7 @@ fn a_reload_with_other_client_cas_makes_every_client_show_its_certificate_again(
     let server = start_tls_echo(Server::builder(), tls);
     let addr = server.local_addr().unwrap();
     let alice = files.ca.client_pair("alice");
-    for (version, v) in VERSIONS {
+    for (version, v) in TLS_VERSIONS {
         let config = client_config_for(&[v], &files.ca, Some(&alice), &[]);
         visit(addr, &config);
         assert_eq!(visit(addr, &config), HandshakeKind::Resumed, "{version}");
@@ -165,7 +146,7 @@ fn bad_session_flags_are_usage_errors() {
         ),
         (&["--tls-session-cache", "-1"], "--tls-session-cache"),
         (&["--tls-session-cache", "many"], "--tls-session-cache"),
-        (&["--tls-tickets", "off"], "need --tls-cert and --tls-key"),
+        (&["--tls-tickets", "off"], "--tls-tickets needs --tls-cert"),
     ];
     for (flags, message) in cases {
         // The last case leaves the certificate out.
@@ -179,29 +160,6 @@ fn bad_session_flags_are_usage_errors() {
     }
 }
 
-/// What `openssl s_client` with `args` says of its session (`New, TLSv1.3, Cipher is ...` or
-/// `Reused, ...`), once it has echoed a line: it has read the TLS 1.3 tickets by then.
-fn s_client(addr: SocketAddr, ca: &str, args: &[&str]) -> String {
-    let mut client = ChildGuard::new(
-        Command::new("openssl")
-            .args(["s_client", "-connect", &addr.to_string(), "-CAfile", ca])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("openssl runs (.ci/run installs it)"),
-    );
-    let mut stdin = client.stdin.take().unwrap();
-    stdin.write_all(b"Hello\n").unwrap();
-    let mut stdout = Lines::read(client.stdout.take().unwrap(), "openssl's stdout");
-    let session = stdout.find(|line| line.starts_with("New,") || line.starts_with("Reused,"));
-    stdout.find(|line| line == "GOT:Hello");
-    drop(stdin);
-    exit_within_patience(client, "openssl s_client");
-    session
-}
-
 #[test]
 #[ignore = "needs openssl: bash .ci/run installs it"]
 fn openssl_s_client_reports_reused_with_sess_out_and_sess_in() {
@@ -209,8 +167,7 @@ fn openssl_s_client_reports_reused_with_sess_out_and_sess_in() {
     let echo = start_tls_echo_process(&files, &[]);
     let nothing = ["--tls-session-cache", "0", "--tls-tickets", "off"];
     let forgetful = start_tls_echo_process(&files, &nothing);
-    let ca = files.dir.join("ca.pem");
-    std::fs::write(&ca, files.ca.cert_pem()).unwrap();
+    let ca = files.ca_file();
     let ca = ca.to_str().unwrap();
     for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
         let session = files.dir.join(&format!("session{flag}.pem"));
@@ -233,8 +190,7 @@ fn openssl_s_client_reports_reused_with_sess_out_and_sess_in() {
 fn openssl_s_client_reconnect_resumes_tls12_five_times_of_five() {
     let files = TlsFiles::new();
     let echo = start_tls_echo_process(&files, &[]);
-    let ca = files.dir.join("ca.pem");
-    std::fs::write(&ca, files.ca.cert_pem()).unwrap();
+    let ca = files.ca_file();
     // -reconnect reconnects right after each handshake, before TLS 1.3's tickets come (against
     // openssl s_server too): TLS 1.3 is checked above, with -sess_out and -sess_in.
     let reconnecting = Command::new("openssl")

@@ -94,9 +94,12 @@ impl Reload {
     async fn on_hangup(&self) {
         if !self.tls.is_empty() {
             match reload_off_workers(self.tls.clone()).await {
-                Ok(()) => info!("received SIGHUP: reloaded the TLS certificate and key"),
-                // The error names the file and the cause; the old pair stays in use.
-                Err(e) => error!("received SIGHUP: {e}; still using the previous pair"),
+                // The certificate, its key, the client CAs and the ticket keys.
+                Ok(()) => info!("received SIGHUP: reloaded the TLS files"),
+                // The error names the file and the cause; what was loaded before stays in use.
+                Err(e) => {
+                    error!("received SIGHUP: {e}; still serving with the files loaded before")
+                }
             }
             return;
         }
@@ -109,12 +112,7 @@ impl Reload {
 /// later, on its own thread, and then it takes effect.
 pub(super) async fn reload_off_workers(configs: Vec<TlsConfig>) -> io::Result<()> {
     let reloading = smol::unblock(move || reload_all(&configs));
-    within(
-        RELOAD_TIMEOUT,
-        "the TLS certificate and key not read",
-        reloading,
-    )
-    .await
+    within(RELOAD_TIMEOUT, "the TLS files not read", reloading).await
 }
 
 /// Reloads every configuration, even after one fails; returns the first error.

@@ -23,6 +23,8 @@ pub(crate) mod tls;
 #[cfg(feature = "tls")]
 mod tls_errors;
 #[cfg(feature = "tls")]
+pub(crate) mod tls_files;
+#[cfg(feature = "tls")]
 mod tls_io;
 #[cfg(feature = "tls")]
 pub(crate) mod tls_session;
@@ -30,6 +32,8 @@ pub(crate) mod tls_session;
 pub(crate) use tls as tls_session;
 #[cfg(feature = "tls")]
 mod tls_resumption;
+#[cfg(feature = "tls")]
+mod tls_tickets;
 #[cfg(unix)]
 mod unix;
 

@@ -1,20 +1,20 @@
-//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable;
-//! session resumption, in `tls_resumption`). The sessions it starts are in `tls_session`.
+//! TLS: the configuration a TLS listener serves with (certificate and key files, reloadable:
+//! how they are read is in `tls_files`; session resumption, in `tls_resumption`). The sessions
+//! it starts are in `tls_session`.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{self, RootCertStore, ServerConfig};
+use rustls::{self, ServerConfig};
 
-use super::tls_errors::{invalid_data, mismatch_error, pem_error, Wanted};
-use super::tls_resumption::Resumption;
+use super::tls_files::{load, Files};
+use super::tls_resumption::{Resumption, Tickets};
 
 /// What a TLS listener serves with: a certificate chain and its key, read from PEM files (and
 /// read again by [`TlsConfig::reload`]), or a rustls [`ServerConfig`][ServerConfig] of your
@@ -46,17 +46,6 @@ struct Reloadable {
     resumption: Mutex<Option<Resumption>>,
 }
 
-#[derive(Debug, Clone)]
-pub(super) struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-    client_ca: Option<PathBuf>,
-    alpn: Vec<Vec<u8>>,
-    /// Sessions kept in memory for clients to resume; 0 keeps none.
-    pub(super) session_cache: usize,
-    pub(super) tickets: bool,
-}
-
 impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
@@ -81,7 +70,7 @@ impl TlsConfig {
             client_ca: None,
             alpn: Vec::new(),
             session_cache: Self::DEFAULT_SESSION_CACHE,
-            tickets: true,
+            tickets: Tickets::ProcessKey,
         })
     }
 
@@ -124,14 +113,16 @@ impl TlsConfig {
     /// Reads the files again: handshakes that start afterwards use the new certificate and key,
     /// and open connections keep theirs. Clients still resume the sessions they had, unless the
     /// client CA certificates changed: a session whose client certificate was checked against
-    /// other CAs must not skip the new check, so then every session is dropped. Nothing to do
-    /// for a configuration given as a [`ServerConfig`][ServerConfig].
+    /// other CAs must not skip the new check, so then every session is dropped. Ticket key
+    /// files ([`TlsConfig::with_ticket_key_files`]) are read again too, so that a rotation takes
+    /// effect. Nothing to do for a configuration given as a [`ServerConfig`][ServerConfig].
     ///
     /// [ServerConfig]: https://docs.rs/rustls/0.23/rustls/server/struct.ServerConfig.html
     ///
     /// # Errors
     ///
-    /// As [`TlsConfig::from_pem_files`]; the configuration in use then stays as it was.
+    /// As [`TlsConfig::from_pem_files`] and [`TlsConfig::with_ticket_key_files`]; the
+    /// configuration in use then stays as it was.
     pub fn reload(&self) -> io::Result<()> {
         let Some(files) = &self.0.files else {
             return Ok(());
@@ -235,8 +226,9 @@ impl TlsConfig {
     /// Whether the server gives clients session tickets (on by default): the session, sealed
     /// with a key only this process has, for the client to show when it comes back, so that
     /// resuming takes no memory and no client is forgotten for lack of room. The key is random,
-    /// replaced every 6 hours, and a ticket opens for 12. TLS 1.3 resumes with a new key
-    /// exchange, so a stolen key decrypts no traffic (its thief could pass for the server to
+    /// replaced every 6 hours, and a ticket opens for 12; with [`TlsConfig::with_ticket_key_files`]
+    /// the keys come from files instead, shared with other servers. TLS 1.3 resumes with a new
+    /// key exchange, so a stolen key decrypts no traffic (its thief could pass for the server to
     /// resuming clients); a TLS 1.2 ticket holds the master secret and travels in the clear,
     /// so a stolen key decrypts the TLS 1.2 sessions of its 12 hours. Off, clients resume from
     /// the cache. docs/operations.md ("Session resumption") weighs the choices.
@@ -261,140 +253,135 @@ impl TlsConfig {
     /// As [`TlsConfig::with_client_ca_file`].
     pub fn with_session_tickets(self, tickets: bool) -> io::Result<Self> {
         let mut files = self.files()?;
-        files.tickets = tickets;
+        files.tickets = match (tickets, files.tickets) {
+            (false, _) => Tickets::Off,
+            (true, Tickets::Off) => Tickets::ProcessKey,
+            (true, kept) => kept,
+        };
         Self::from_files(files)
     }
-}
 
-/// Reads `files` into a configuration that resumes the sessions of `previous` if it may (see
-/// [`Resumption::renewed`]), and returns the sessions it resumes.
-fn load(
-    files: &Files,
-    previous: Option<Resumption>,
-) -> io::Result<(Arc<ServerConfig>, Resumption)> {
-    load_with(files, previous, read_pem_file)
-}
+    /// How long a ticket sealed with key files opens after it was issued, unless told
+    /// otherwise ([`TlsConfig::with_ticket_lifetime`]): 12 hours, as rustls's own key gives.
+    pub const DEFAULT_TICKET_LIFETIME: Duration = Duration::from_secs(12 * 60 * 60);
 
-/// As [`load`], the files' bytes read by `read`: the files' own ([`read_pem_file`]), or in the
-/// fuzz targets bytes in memory, which take the same path from there on. Each file is read once
-/// the one before it has loaded, so that the first mistake is the one reported.
-fn load_with(
-    files: &Files,
-    previous: Option<Resumption>,
-    read: impl Fn(&Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error>,
-) -> io::Result<(Arc<ServerConfig>, Resumption)> {
-    let certs = read_certs(&files.cert, Wanted::Certificates, &read)?;
-    let pem = read(&files.key).map_err(|e| pem_error(&files.key, &[], Wanted::PrivateKey, e))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| pem_error(&files.key, &pem, Wanted::PrivateKey, e))?;
-    let client_roots = match &files.client_ca {
-        Some(ca) => read_certs(ca, Wanted::CaCertificates, &read)?,
-        None => Vec::new(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| io::Error::other(format!("cannot set up TLS: {e}")))?;
-    let builder = match &files.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in client_roots.iter().cloned() {
-                roots.add(cert).map_err(|e| {
-                    invalid_data(format!(
-                        "{}: not a usable CA certificate: {e}",
-                        ca.display()
-                    ))
-                })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| invalid_data(format!("{}: {e}", ca.display())))?;
-            builder.with_client_cert_verifier(verifier)
+    /// The longest [`TlsConfig::with_ticket_lifetime`] takes: 7 days, the most TLS 1.3 allows.
+    pub const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+    /// Seals session tickets with keys read from files, which every server behind a load
+    /// balancer is given too, so that a client resumes on whichever one it reaches, and after a
+    /// restart (without them each process has a random key of its own). Each file holds 80
+    /// random bytes, made by `openssl rand 80 > ticket.key` as for nginx's
+    /// `ssl_session_ticket_key`. The first key seals new tickets and every one opens them: to
+    /// rotate, put a new key first and the previous one second on every server, then
+    /// [`TlsConfig::reload`] (SIGHUP), which reads the files again. A ticket opens for
+    /// [`DEFAULT_TICKET_LIFETIME`](Self::DEFAULT_TICKET_LIFETIME) unless
+    /// [`TlsConfig::with_ticket_lifetime`] says otherwise. Turns tickets on.
+    ///
+    /// A stolen key decrypts the recorded TLS 1.2 sessions of every ticket it sealed, as long as
+    /// the key exists: rotate it, and keep the files readable by the server alone (a file its
+    /// group or others may read loads with a warning) and out of backups. docs/operations.md
+    /// ("Session resumption") has the recipe.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// # let (new, previous) = (dir.join("ticket.key"), dir.join("ticket.key.previous"));
+    /// # std::fs::write(&new, [1; 80])?;
+    /// # std::fs::write(&previous, [2; 80])?;
+    /// // The same files on every server: the new key seals, both open.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?
+    ///     .with_ticket_key_files([&new, &previous])?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] for no file. A message that names the file: missing,
+    /// unreadable or not a regular file, not 80 bytes (or text, as `openssl rand -hex` writes),
+    /// or a key whose name (its first 16 bytes) another file listed has; otherwise as
+    /// [`TlsConfig::with_client_ca_file`].
+    pub fn with_ticket_key_files<P: AsRef<Path>>(
+        self,
+        keys: impl IntoIterator<Item = P>,
+    ) -> io::Result<Self> {
+        let keys: Vec<_> = keys.into_iter().map(|p| p.as_ref().to_path_buf()).collect();
+        if keys.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no TLS ticket key file: give at least one, the first sealing tickets",
+            ));
         }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| mismatch_error(&files.cert, &files.key, e))?;
-    config.alpn_protocols = files.alpn.clone();
-    let resumption =
-        Resumption::renewed(previous, files.session_cache, files.tickets, client_roots)?;
-    resumption.apply(&mut config);
-    Ok((Arc::new(config), resumption))
-}
-
-fn read_certs(
-    path: &Path,
-    wanted: Wanted,
-    read: impl Fn(&Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error>,
-) -> io::Result<Vec<CertificateDer<'static>>> {
-    let pem = read(path).map_err(|e| pem_error(path, &[], wanted, e))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(path, &pem, wanted, e))?;
-    if certs.is_empty() {
-        return Err(pem_error(
-            path,
-            &pem,
-            wanted,
-            rustls::pki_types::pem::Error::NoItemsFound,
-        ));
+        let mut files = self.files()?;
+        let lifetime = match files.tickets {
+            Tickets::Shared { lifetime, .. } => lifetime,
+            _ => Self::DEFAULT_TICKET_LIFETIME.as_secs() as u32,
+        };
+        files.tickets = Tickets::Shared { keys, lifetime };
+        Self::from_files(files)
     }
-    Ok(certs)
-}
 
-/// Loads a configuration from PEM bytes in memory (a certificate chain, its key and optionally
-/// client CA certificates) as [`TlsConfig::with_client_ca_file`] loads them from files: the
-/// fuzz targets' way in.
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) fn load_pem_bytes(cert: &[u8], key: &[u8], client_ca: Option<&[u8]>) -> io::Result<()> {
-    let files = Files {
-        cert: "cert.pem".into(),
-        key: "key.pem".into(),
-        client_ca: client_ca.map(|_| "ca.pem".into()),
-        alpn: Vec::new(),
-        // No session cache (rustls would set room for every session aside on each input), no
-        // ticket key: nothing that depends on the bytes.
-        session_cache: 0,
-        tickets: false,
-    };
-    load_with(&files, None, |path| {
-        Ok(match path.to_str() {
-            Some("cert.pem") => cert,
-            Some("key.pem") => key,
-            _ => client_ca.unwrap_or_default(),
+    /// How long a ticket sealed with key files ([`TlsConfig::with_ticket_key_files`]) opens
+    /// after it was issued, in whole seconds (by default
+    /// [`DEFAULT_TICKET_LIFETIME`](Self::DEFAULT_TICKET_LIFETIME)); clients are told it too.
+    /// It bounds how long a ticket resumes, not what a stolen key decrypts: that is every ticket
+    /// the key sealed, as long as the key exists. Keep a key listed for a lifetime after it
+    /// stopped sealing, for its tickets to open; servers that share keys must agree on the time.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = std::env::temp_dir().join(format!("taskserve-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let made = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    /// # let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    /// # std::fs::write(&cert, made.cert.pem())?;
+    /// # std::fs::write(&key, made.signing_key.serialize_pem())?;
+    /// # let (new, previous) = (dir.join("ticket.key"), dir.join("ticket.key.previous"));
+    /// # std::fs::write(&new, [1; 80])?;
+    /// # std::fs::write(&previous, [2; 80])?;
+    /// use std::time::Duration;
+    ///
+    /// // Keys rotated every hour: tickets for an hour, so that two keys are always enough.
+    /// let tls = taskserve::TlsConfig::from_pem_files(&cert, &key)?
+    ///     .with_ticket_key_files([&new, &previous])?
+    ///     .with_ticket_lifetime(Duration::from_secs(3600))?;
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # std::io::Result::Ok(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::InvalidInput`] without key files (rustls's own key gives 12 hours, which
+    /// cannot be changed), and for under a second or over
+    /// [`MAX_TICKET_LIFETIME`](Self::MAX_TICKET_LIFETIME); otherwise as
+    /// [`TlsConfig::with_ticket_key_files`].
+    pub fn with_ticket_lifetime(self, lifetime: Duration) -> io::Result<Self> {
+        let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidInput, message);
+        if lifetime < Duration::from_secs(1) || lifetime > Self::MAX_TICKET_LIFETIME {
+            return Err(invalid(format!(
+                "a TLS ticket lifetime of {lifetime:?}: give 1 second to 7 days (604800 seconds)"
+            )));
         }
-        .to_vec())
-    })
-    .map(drop)
-}
-
-/// The most a PEM file may hold: a certificate chain or a key takes a few KiB.
-const MAX_PEM_FILE: u64 = 1024 * 1024;
-
-/// The bytes of the PEM file at `path`. Refuses what is not a regular file, before opening it:
-/// opening a FIFO waits for a writer, and a device may never end. Refuses a file over
-/// [`MAX_PEM_FILE`], reading no more than that much.
-fn read_pem_file(path: &Path) -> Result<Vec<u8>, rustls::pki_types::pem::Error> {
-    use rustls::pki_types::pem::Error;
-    use std::io::Read;
-    let refused = |why: &str| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, why));
-    if !std::fs::metadata(path).map_err(Error::Io)?.is_file() {
-        return Err(refused("not a regular file"));
+        let mut files = self.files()?;
+        let Tickets::Shared { keys, .. } = files.tickets else {
+            return Err(invalid(
+                "a TLS ticket lifetime is for tickets sealed with key files: give them first \
+                 (with_ticket_key_files); rustls's own key gives 12 hours"
+                    .to_string(),
+            ));
+        };
+        let lifetime = lifetime.as_secs() as u32;
+        files.tickets = Tickets::Shared { keys, lifetime };
+        Self::from_files(files)
     }
-    // A FIFO put in its place since the check would still make this wait: the reload's own
-    // deadline bounds that.
-    let file = std::fs::File::open(path).map_err(Error::Io)?;
-    let mut pem = Vec::new();
-    file.take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut pem)
-        .map_err(Error::Io)?;
-    if pem.len() as u64 > MAX_PEM_FILE {
-        return Err(refused(
-            "larger than 1 MiB, which no certificate chain or key is",
-        ));
-    }
-    Ok(pem)
 }
 
 /// `config` with a certificate resolver that notes the server name each client asks for, for

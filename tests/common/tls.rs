@@ -5,6 +5,7 @@
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use rcgen::{
@@ -12,10 +13,13 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use taskserve::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use taskserve::rustls::{self, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use taskserve::rustls::{
+    self, ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned,
+    SupportedProtocolVersion,
+};
 use taskserve::{Server, TlsConfig};
 
-use super::{connect, EchoProcess, TempDir};
+use super::{connect, exit_within_patience, payload, ChildGuard, EchoProcess, Lines, TempDir};
 
 /// A TLS client connection over a blocking TCP stream.
 pub type TlsStream = StreamOwned<ClientConnection, TcpStream>;
@@ -139,6 +143,19 @@ impl TlsFiles {
     pub fn client(&self) -> Arc<ClientConfig> {
         client_config(&self.ca, None, &[])
     }
+
+    /// As [`TlsFiles::client`], speaking only `version`; it keeps its sessions to resume
+    /// (rustls's default), as [`visit`] shows.
+    pub fn client_for(&self, version: &'static SupportedProtocolVersion) -> Arc<ClientConfig> {
+        client_config_for(&[version], &self.ca, None, &[])
+    }
+
+    /// The test CA's certificate written to `ca.pem`, for openssl's `-CAfile`.
+    pub fn ca_file(&self) -> PathBuf {
+        let ca = self.dir.join("ca.pem");
+        std::fs::write(&ca, self.ca.cert_pem()).expect("write the CA certificate");
+        ca
+    }
 }
 
 /// Starts an echo server with two threads and one TLS listener on `127.0.0.1:0`, built by
@@ -250,4 +267,57 @@ pub fn tls_round_trip(stream: &mut TlsStream, message: &[u8]) -> io::Result<()> 
     let echoed = super::read_payload(stream, message.len())?;
     assert!(echoed == message, "the reply differs from what was sent");
     Ok(())
+}
+
+/// The TLS versions a client may resume with, named for failure messages.
+pub const TLS_VERSIONS: [(&str, &SupportedProtocolVersion); 2] = [
+    ("TLS 1.2", &rustls::version::TLS12),
+    ("TLS 1.3", &rustls::version::TLS13),
+];
+
+/// Connects with `config`, checks a byte-exact echo, closes, and says how the handshake went
+/// (`Full` or `Resumed`). The echo also reads the TLS 1.3 tickets that the server sends after
+/// its handshake, which the client keeps for its next visit.
+pub fn visit(addr: SocketAddr, config: &Arc<ClientConfig>) -> HandshakeKind {
+    let mut stream = tls_connect(addr, config, "localhost").expect("TLS handshake");
+    tls_round_trip(&mut stream, &payload(2000)).expect("a byte-exact echo");
+    stream.conn.handshake_kind().expect("the handshake is done")
+}
+
+/// What `openssl s_client` with `args`, trusting the CA in the file `ca`, says of its session
+/// (`New, TLSv1.3, Cipher is ...` or `Reused, ...`), once it has echoed a line: it has read the
+/// TLS 1.3 tickets by then.
+pub fn s_client(addr: SocketAddr, ca: &str, args: &[&str]) -> String {
+    let mut client = ChildGuard::new(
+        Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string(), "-CAfile", ca])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl runs (.ci/run installs it)"),
+    );
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"Hello\n").unwrap();
+    let mut stdout = Lines::read(client.stdout.take().unwrap(), "openssl's stdout");
+    let session = stdout.find(|line| line.starts_with("New,") || line.starts_with("Reused,"));
+    stdout.find(|line| line == "GOT:Hello");
+    drop(stdin);
+    exit_within_patience(client, "openssl s_client");
+    session
+}
+
+/// Writes a new TLS ticket key to `name` in `dir`, as `openssl rand 80 > FILE` and `chmod 600`
+/// would make it, and returns its path.
+pub fn write_ticket_key(dir: &TempDir, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let key: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
+        .take(80)
+        .collect();
+    std::fs::write(&path, key).expect("write the ticket key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the ticket key");
+    path
 }

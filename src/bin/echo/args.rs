@@ -74,10 +74,22 @@ pub struct Args {
     pub tls_session_cache: Option<usize>,
 
     /// on or off: give TLS clients session tickets to resume with, sealed by a random key
-    /// replaced every 6 hours (a ticket opens for 12); see docs/operations.md for what that
-    /// means for forward secrecy (default on)
+    /// replaced every 6 hours (a ticket opens for 12), or with --tls-ticket-key; see
+    /// docs/operations.md for what that means for forward secrecy (default on)
     #[argh(option, from_str_fn(on_off))]
     pub tls_tickets: Option<bool>,
+
+    /// file of 80 random bytes (openssl rand 80 > FILE, chmod 600) that seals TLS session
+    /// tickets, given to every server a client may reach so that it resumes on any of them;
+    /// repeat it: the first seals, each one opens (to rotate, put a new key first and the old
+    /// one second, then SIGHUP). Without it, a random key of this process's own
+    #[argh(option)]
+    pub tls_ticket_key: Vec<PathBuf>,
+
+    /// with --tls-ticket-key, seconds a ticket opens for after it is issued, 1 to 604800
+    /// (default 43200, 12 hours)
+    #[argh(option, from_str_fn(ticket_lifetime))]
+    pub tls_ticket_lifetime: Option<u64>,
 
     /// seconds a TLS client may take over its handshake before it is closed (default 10)
     #[argh(option, default = "10", from_str_fn(at_least_one_u64))]
@@ -233,6 +245,19 @@ fn on_off(value: &str) -> Result<bool, String> {
         "on" => Ok(true),
         "off" => Ok(false),
         _ => Err(format!("{value:?}: expected on or off")),
+    }
+}
+
+/// The most `--tls-ticket-lifetime` takes: 7 days, the most TLS 1.3 allows.
+pub const MAX_TICKET_LIFETIME: u64 = 7 * 24 * 60 * 60;
+
+fn ticket_lifetime(value: &str) -> Result<u64, String> {
+    match value.parse() {
+        Ok(n) if (1..=MAX_TICKET_LIFETIME).contains(&n) => Ok(n),
+        Ok(_) => Err(format!(
+            "must be from 1 to {MAX_TICKET_LIFETIME} seconds (7 days, the most TLS 1.3 allows)"
+        )),
+        Err(e) => Err(format!("{e}")),
     }
 }
 

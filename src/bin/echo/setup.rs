@@ -174,19 +174,7 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
                 "--tls-key needs --tls-cert, the certificate it is for",
             ))
         }
-        (None, None) => {
-            if args.tls_port.is_some()
-                || args.tls_client_ca.is_some()
-                || args.tls_session_cache.is_some()
-                || args.tls_tickets.is_some()
-            {
-                return Err(usage(
-                    "--tls-port, --tls-client-ca, --tls-session-cache and --tls-tickets \
-                     need --tls-cert and --tls-key",
-                ));
-            }
-            return Ok(None);
-        }
+        (None, None) => return no_tls(args),
     };
     let mut tls = taskserve::TlsConfig::from_pem_files(cert, key)?;
     if let Some(ca) = &args.tls_client_ca {
@@ -198,7 +186,47 @@ fn tls_config(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
     if let Some(tickets) = args.tls_tickets {
         tls = tls.with_session_tickets(tickets)?;
     }
-    Ok(Some(tls))
+    ticket_keys(tls, args).map(Some)
+}
+
+/// No TLS: refuses the TLS flags that need a certificate, naming the first one given.
+fn no_tls(args: &Args) -> io::Result<Option<taskserve::TlsConfig>> {
+    let given = [
+        ("--tls-port", args.tls_port.is_some()),
+        ("--tls-client-ca", args.tls_client_ca.is_some()),
+        ("--tls-session-cache", args.tls_session_cache.is_some()),
+        ("--tls-tickets", args.tls_tickets.is_some()),
+        ("--tls-ticket-key", !args.tls_ticket_key.is_empty()),
+        ("--tls-ticket-lifetime", args.tls_ticket_lifetime.is_some()),
+    ];
+    match given.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(usage(&format!("{flag} needs --tls-cert and --tls-key"))),
+        None => Ok(None),
+    }
+}
+
+/// `tls` sealing tickets with the --tls-ticket-key files, if any, for --tls-ticket-lifetime.
+fn ticket_keys(mut tls: taskserve::TlsConfig, args: &Args) -> io::Result<taskserve::TlsConfig> {
+    if args.tls_ticket_key.is_empty() {
+        if args.tls_ticket_lifetime.is_some() {
+            return Err(usage(
+                "--tls-ticket-lifetime needs --tls-ticket-key: a random key of the process's \
+                 own gives tickets 12 hours",
+            ));
+        }
+        return Ok(tls);
+    }
+    if args.tls_tickets == Some(false) {
+        return Err(usage(
+            "--tls-ticket-key seals tickets, which --tls-tickets off turns off: give one or \
+             the other",
+        ));
+    }
+    tls = tls.with_ticket_key_files(&args.tls_ticket_key)?;
+    if let Some(seconds) = args.tls_ticket_lifetime {
+        tls = tls.with_ticket_lifetime(Duration::from_secs(seconds))?;
+    }
+    Ok(tls)
 }
 
 /// Whether systemd passed listening sockets (`LISTEN_FDS`) to serve instead of binding --port.
