@@ -63,6 +63,7 @@ const ROUNDS: usize = 5;
 
 #[test]
 fn a_burst_of_queued_clients_does_not_hold_back_a_connected_client() {
+    let _turn = ONE_STORM.lock().unwrap_or_else(|e| e.into_inner());
     let probe = Arc::new(Probe::default());
     let (blocked, worker_blocked) = mpsc::channel();
     let (release, released) = mpsc::channel();
