@@ -308,6 +308,32 @@ pub fn s_client(addr: SocketAddr, ca: &str, args: &[&str]) -> String {
     session
 }
 
+/// For TLS 1.2 and 1.3: `openssl s_client -sess_out` gets a new session from `sealer`,
+/// `-sess_in` resumes it on `resumer` (`Reused`), and on `refuser` gets a full handshake (`New`)
+/// and its echo all the same.
+pub fn assert_openssl_resumes(
+    files: &TlsFiles,
+    sealer: SocketAddr,
+    resumer: SocketAddr,
+    refuser: SocketAddr,
+) {
+    let ca = files.ca_file();
+    let ca = ca.to_str().unwrap();
+    for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let session = files.dir.join(&format!("session{flag}.pem"));
+        let session = session.to_str().unwrap();
+        let new = s_client(sealer, ca, &[flag, "-sess_out", session]);
+        assert!(new.starts_with(&format!("New, {version}")), "{new}");
+        let reused = s_client(resumer, ca, &[flag, "-sess_in", session]);
+        assert!(
+            reused.starts_with(&format!("Reused, {version}")),
+            "{reused}"
+        );
+        let refused = s_client(refuser, ca, &[flag, "-sess_in", session]);
+        assert!(refused.starts_with(&format!("New, {version}")), "{refused}");
+    }
+}
+
 /// Writes a new TLS ticket key to `name` in `dir`, as `openssl rand 80 > FILE` and `chmod 600`
 /// would make it, and returns its path.
 pub fn write_ticket_key(dir: &TempDir, name: &str) -> PathBuf {
